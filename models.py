@@ -1,0 +1,623 @@
+"""Support module: model families, loading a teacher, sampling plumbing and the file formats.
+
+No stage algorithm lives here (DESIGN.md). What is here:
+  1. errors and the command-line runner (one-line errors, no traceback)
+  2. atomic files, JSON / JSONL / prompt files, mp4 videos
+  3. the families `vc2`, `animatediff`, `toy` with their defaults and embedded architectures
+  4. loading a teacher from a local diffusers folder, the teacher fingerprint
+  5. noise prediction, the vc2 x0 rescaling, DDIM sampling with batched CFG, VAE decoding
+  6. the student checkpoint: removed layers as identities, safetensors + metadata, strict loading
+  7. devices and torch.distributed set-up
+"""
+import contextlib
+import copy
+import datetime
+import gzip
+import hashlib
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+STUDENT_FORMAT = "vip-student/1"
+DIMS = ("visual_quality", "temporal_consistency", "dynamic_degree", "text_alignment")
+
+
+# ----------------------------------------------------------------------------- 1. errors, CLI
+class UserError(Exception):
+    """Bad input: printed as one line `error: ...` with exit code 2, never a traceback."""
+
+
+def cli(main, parser):
+    """Parse arguments and run `main(args)`; a UserError becomes a one-line error and exit 2."""
+    args = parser.parse_args()
+    quiet_libraries()
+    try:
+        return main(args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def quiet_libraries():
+    """Keep diffusers' and transformers' info logs and per-file progress bars out of our output."""
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+# ----------------------------------------------------------------------------- 2. files
+@contextlib.contextmanager
+def atomic_path(path):
+    """Yield a temporary name beside `path`; rename it into place only if the block succeeds."""
+    path = str(path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    root, ext = os.path.splitext(path)
+    tmp = f"{root}.tmp{os.getpid()}{ext}"  # keep the extension: ffmpeg and safetensors look at it
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_json(path, obj):
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+        f.write("\n")
+
+
+def read_json(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such file")
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}:{e.lineno}: not valid JSON ({e.msg})")
+
+
+def write_jsonl(path, rows):
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+
+
+def read_jsonl(path, required=()):
+    """Rows of a JSONL file; each must be an object holding the `required` keys (dotted for nesting)."""
+    if not os.path.exists(path):
+        raise UserError(f"{path}: no such file")
+    rows = []
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{path}:{n}: not valid JSON ({e.msg})")
+            if not isinstance(row, dict):
+                raise UserError(f"{path}:{n}: expected a JSON object, got {type(row).__name__}")
+            for key in required:
+                node = row
+                for part in key.split("."):
+                    if not isinstance(node, dict) or part not in node:
+                        raise UserError(f"{path}:{n}: missing field '{key}'")
+                    node = node[part]
+            rows.append(row)
+    return rows
+
+
+def read_prompts(path):
+    """Prompts from a .txt file (one a line, '#' comments) or a .jsonl file with a 'prompt' field."""
+    if path.endswith(".jsonl"):
+        prompts = []
+        for n, row in enumerate(read_jsonl(path, required=("prompt",)), 1):
+            if not isinstance(row["prompt"], str) or not row["prompt"].strip():
+                raise UserError(f"{path}: row {n}: 'prompt' must be a non-empty string")
+            prompts.append(row["prompt"].strip())
+    else:
+        if not os.path.exists(path):
+            raise UserError(f"{path}: no such file")
+        with open(path) as f:
+            prompts = [ln.strip() for ln in f if ln.strip() and not ln.lstrip().startswith("#")]
+    if not prompts:
+        raise UserError(f"{path}: no prompts in file")
+    return prompts
+
+
+def write_video(path, frames, fps):
+    """Write uint8 frames (F, H, W, 3) as an H.264 mp4 that any player opens (H and W must be even)."""
+    import imageio.v2 as imageio
+
+    frames = np.asarray(frames)
+    if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
+        raise ValueError(f"expected uint8 (F, H, W, 3), got {frames.dtype} {frames.shape}")
+    with atomic_path(path) as tmp:
+        imageio.mimwrite(tmp, list(frames), fps=fps, codec="libx264", quality=8,
+                         macro_block_size=1, pixelformat="yuv420p", format="FFMPEG")
+
+
+def read_video(path):
+    """uint8 frames (F, H, W, 3) of a video file."""
+    import imageio.v2 as imageio
+
+    if not os.path.exists(path):
+        raise UserError(f"{path}: no such video file")
+    try:
+        return np.stack(imageio.mimread(path, format="FFMPEG", memtest=False))
+    except Exception as e:  # imageio raises many kinds on a broken file
+        raise UserError(f"{path}: cannot read video ({type(e).__name__}: {e})".splitlines()[0])
+
+
+def bytes_to_unicode():
+    """The byte -> printable-character table of GPT-2 / CLIP byte-level BPE."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    for n, b in enumerate(b for b in range(256) if b not in bs):
+        bs.append(b)
+        cs.append(256 + n)
+    return dict(zip(bs, map(chr, cs)))
+
+
+def build_clip_tokenizer(model_max_length=77, pad_token="<|endoftext|>"):
+    """CLIP's tokenizer built offline from the BPE file that ships inside open_clip (no hub).
+
+    Ids equal `open_clip.tokenize` up to padding; pass pad_token="!" for open_clip's pad id 0.
+    """
+    import tempfile
+
+    import open_clip
+    from transformers import CLIPTokenizer
+
+    bpe = os.path.join(os.path.dirname(open_clip.__file__), "bpe_simple_vocab_16e6.txt.gz")
+    merges = gzip.open(bpe).read().decode("utf-8").split("\n")[1:49152 - 256 - 2 + 1]
+    vocab = list(bytes_to_unicode().values())
+    vocab = vocab + [v + "</w>" for v in vocab] + ["".join(m.split()) for m in merges]
+    vocab += ["<|startoftext|>", "<|endoftext|>"]  # 49,408 tokens
+    with tempfile.TemporaryDirectory() as d:
+        with open(os.path.join(d, "vocab.json"), "w") as f:
+            json.dump({t: i for i, t in enumerate(vocab)}, f)
+        with open(os.path.join(d, "merges.txt"), "w") as f:
+            f.write("#version: 0.2\n" + "\n".join(merges) + "\n")
+        return CLIPTokenizer(os.path.join(d, "vocab.json"), os.path.join(d, "merges.txt"),
+                             pad_token=pad_token, model_max_length=model_max_length)
+
+
+# ----------------------------------------------------------------------------- 3. families
+# VideoCrafter2's UNet is diffusers' UNet3DConditionModel default (+ an fps embedding, folded into
+# the time embedding's last bias at conversion; NOTES.md). 1,411,233,860 + 2,050,560 parameters.
+VC2_UNET_CONFIG = dict(
+    in_channels=4, out_channels=4,
+    down_block_types=("CrossAttnDownBlock3D", "CrossAttnDownBlock3D", "CrossAttnDownBlock3D", "DownBlock3D"),
+    up_block_types=("UpBlock3D", "CrossAttnUpBlock3D", "CrossAttnUpBlock3D", "CrossAttnUpBlock3D"),
+    block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, norm_num_groups=32,
+    cross_attention_dim=1024, attention_head_dim=64,
+)
+
+# Stable Diffusion 1.5's UNet (859,520,964) and AnimateDiff's motion adapter v1-5-2 (453,209,280).
+SD15_UNET_CONFIG = dict(
+    sample_size=64, in_channels=4, out_channels=4,
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, norm_num_groups=32,
+    cross_attention_dim=768, attention_head_dim=8,
+)
+MOTION_ADAPTER_CONFIG = dict(
+    block_out_channels=(320, 640, 1280, 1280), motion_layers_per_block=2,
+    motion_mid_block_layers_per_block=1, motion_num_attention_heads=8, motion_norm_num_groups=32,
+    motion_max_seq_length=32, use_motion_mid_block=True,
+)
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    height: int
+    width: int
+    frames: int
+    steps: int            # DDIM steps
+    cfg: float            # classifier-free guidance scale
+    eta: float            # DDIM eta
+    fps: int              # of written videos (and vc2's folded fps conditioning)
+    lr: float             # ReDPO learning rate default
+    rounds: int           # online rounds in the paper
+    final_ratio: float    # prunable parameters kept after the last round (paper)
+    x0_scale_b: float = 0.0   # vc2 x0 rescaling: scale_t 1.0 -> b over t = 0..400 (0 = off)
+    fps_folded: bool = False  # vc2: the fps embedding was folded into the time embedding's bias
+    default_teacher: str = ""
+    unet_config: dict = field(default_factory=dict)
+
+    @property
+    def trains_motion_only(self):
+        return self.name == "animatediff"
+
+
+FAMILIES = {
+    "vc2": Family("vc2", 320, 512, 16, 50, 12.0, 1.0, 28, 6e-6, 2, 0.902e9 / 1_413_284_420,
+                  x0_scale_b=0.7, fps_folded=True, unet_config=VC2_UNET_CONFIG),
+    "animatediff": Family("animatediff", 512, 512, 16, 25, 7.5, 0.0, 8, 1e-5, 3, 0.147e9 / 453_209_280,
+                          unet_config=SD15_UNET_CONFIG),
+    "toy": Family("toy", 32, 32, 8, 25, 6.0, 0.0, 8, 1e-4, 2, 0.6,
+                  default_teacher=os.path.join(HERE, "toy", "teacher")),
+}
+
+
+def get_family(name):
+    if name not in FAMILIES:
+        raise UserError(f"unknown model family '{name}' (choose from {', '.join(FAMILIES)})")
+    return FAMILIES[name]
+
+
+def build_meta_unet(family, config_dir=None):
+    """The family's real architecture on the meta device (no memory, no files) for counting."""
+    from diffusers import MotionAdapter, UNet2DConditionModel, UNet3DConditionModel, UNetMotionModel
+
+    with torch.device("meta"):
+        if family.name == "animatediff":
+            return UNetMotionModel.from_unet2d(UNet2DConditionModel(**SD15_UNET_CONFIG),
+                                               MotionAdapter(**MOTION_ADAPTER_CONFIG))
+        config = family.unet_config
+        if not config:  # the toy's architecture is whatever its shipped teacher has
+            path = os.path.join(config_dir or family.default_teacher, "unet", "config.json")
+            config = {k: v for k, v in read_json(path).items() if not k.startswith("_")}
+        return UNet3DConditionModel(**config)
+
+
+def trainable_keys(family, unet):
+    """Names of the student's own tensors: the whole UNet, or only the motion modules (animatediff)."""
+    keys = list(unet.state_dict().keys())
+    return [k for k in keys if ".motion_modules." in k] if family.trains_motion_only else keys
+
+
+def folded_params(family, unet):
+    """Parameters the paper counts that our vc2 port folds away: lvdm's fps embedding, a
+    TimestepEmbedding(c, 4c) with c = the first width (2,050,560 for VideoCrafter2)."""
+    if not family.fps_folded:
+        return 0
+    c = unet.config.block_out_channels[0]
+    return c * 4 * c + 4 * c + 4 * c * 4 * c + 4 * c
+
+
+def count_params(family, unet, paper=True):
+    """Prunable parameters: the whole UNet (vc2/toy) or the motion modules (animatediff); with
+    `paper`, as the paper counts them (vc2 includes its folded fps embedding)."""
+    names = set(trainable_keys(family, unet))
+    own = sum(p.numel() for n, p in unet.named_parameters() if n in names)
+    return own + (folded_params(family, unet) if paper else 0)
+
+
+# ----------------------------------------------------------------------------- 4. teachers
+@dataclass
+class Teacher:
+    family: Family
+    path: str
+    unet: nn.Module
+    vae: nn.Module
+    text_encoder: nn.Module
+    tokenizer: object
+    scheduler: object
+    fingerprint: str
+    motion_adapter: str = ""
+
+
+def _subfolder(path, name):
+    sub = os.path.join(path, name)
+    if not os.path.isdir(sub):
+        raise UserError(f"{path}: not a teacher folder (missing '{name}/'; expected unet/, vae/, "
+                        f"text_encoder/, tokenizer/, scheduler/ as diffusers saves them)")
+    return sub
+
+
+def fingerprint(*modules):
+    """A short hash of a model's config and of exact samples of every tensor (device-independent)."""
+    h = hashlib.sha256()
+    for m in modules:
+        config = m.config.to_dict() if hasattr(m.config, "to_dict") else dict(m.config)
+        h.update(json.dumps(config, sort_keys=True, default=str).encode())
+        for name, t in m.state_dict().items():
+            flat = t.detach().reshape(-1)
+            idx = torch.linspace(0, flat.numel() - 1, min(64, flat.numel())).long().to(flat.device)
+            h.update(f"{name}{tuple(t.shape)}".encode())
+            h.update(flat[idx].float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def load_teacher(family, path, motion_adapter="", device="cpu"):
+    """The frozen teacher M_0 from local folders (vc2/toy: one diffusers folder in the layout that
+    TextToVideoSDPipeline saves; animatediff: an SD-1.5 folder plus a MotionAdapter folder)."""
+    from diffusers import (AutoencoderKL, DDIMScheduler, MotionAdapter, UNet2DConditionModel,
+                           UNet3DConditionModel, UNetMotionModel)
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    path = path or family.default_teacher
+    if not path:
+        raise UserError(f"--teacher is required for --model {family.name}")
+    if not os.path.isdir(path):
+        raise UserError(f"{path}: teacher folder not found")
+    for name in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
+        _subfolder(path, name)
+    vae = AutoencoderKL.from_pretrained(path, subfolder="vae")
+    text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder")
+    tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer")
+    scheduler = DDIMScheduler.from_pretrained(path, subfolder="scheduler")
+    if family.name == "animatediff":
+        if not motion_adapter or not os.path.isdir(motion_adapter):
+            raise UserError(f"--motion-adapter must be a MotionAdapter folder for --model animatediff "
+                            f"(got '{motion_adapter}')")
+        unet = UNetMotionModel.from_unet2d(UNet2DConditionModel.from_pretrained(path, subfolder="unet"),
+                                           MotionAdapter.from_pretrained(motion_adapter))
+        # AnimateDiff samples with a linear-beta DDIM (its published inference settings).
+        scheduler = DDIMScheduler.from_config(scheduler.config, beta_schedule="linear", clip_sample=False,
+                                              timestep_spacing="linspace", steps_offset=1)
+    else:
+        unet = UNet3DConditionModel.from_pretrained(path, subfolder="unet")
+    parts = (unet, vae, text_encoder)
+    for m in parts:  # float32 master weights whatever the stored dtype; autocast does the rest
+        m.requires_grad_(False).eval().to(device, torch.float32)
+    return Teacher(family, os.path.abspath(path), unet, vae, text_encoder, tokenizer, scheduler,
+                   fingerprint(*parts), os.path.abspath(motion_adapter) if motion_adapter else "")
+
+
+# ----------------------------------------------------------------------------- 5. sampling plumbing
+@torch.no_grad()
+def encode_prompts(teacher, prompts):
+    """Text embeddings (N, L, D): the encoder's last hidden state, no attention mask (as VC2/SD)."""
+    tok = teacher.tokenizer(list(prompts), padding="max_length", max_length=teacher.tokenizer.model_max_length,
+                            truncation=True, return_tensors="pt")
+    device = next(teacher.text_encoder.parameters()).device
+    return teacher.text_encoder(tok.input_ids.to(device))[0].float()
+
+
+def predict_noise(family, unet, x_t, t, emb):
+    """eps(x_t, c, t) for latent videos x_t (B, C, F, h, w), timesteps t (B,), embeddings emb (B, L, D)."""
+    if family.name == "animatediff":  # diffusers >= 0.31 wants one text embedding per frame
+        emb = emb.repeat_interleave(x_t.shape[2], dim=0)  # (B*F, L, D)
+    return unet(x_t, t, encoder_hidden_states=emb, return_dict=False)[0]
+
+
+def x0_scale(family, t, enabled=True):
+    """VC2's `use_scale` factor scale_t: 1.0 at t=0 falling linearly to b at t=400, then b (else 1)."""
+    t = torch.as_tensor(t, dtype=torch.float32)
+    if not (enabled and family.x0_scale_b):
+        return torch.ones_like(t)
+    return torch.where(t < 400, 1.0 + (family.x0_scale_b - 1.0) * t / 399.0,
+                       torch.full_like(t, family.x0_scale_b))
+
+
+def add_noise(family, scheduler, x0, eps, t, x0_rescale=True):
+    """x_t = sqrt(abar_t) * scale_t * x0 + sqrt(1 - abar_t) * eps  (scale_t = 1 unless vc2 rescaling)."""
+    abar = scheduler.alphas_cumprod.to(x0.device)[t].float().view(-1, *[1] * (x0.ndim - 1))
+    s = x0_scale(family, t.cpu(), x0_rescale).to(x0.device).view_as(abar)
+    return abar.sqrt() * s * x0 + (1 - abar).sqrt() * eps
+
+
+def latent_shape(teacher, frames, height, width):
+    f = 2 ** (len(teacher.vae.config.block_out_channels) - 1)
+    if height % f or width % f:
+        raise UserError(f"height and width must be multiples of {f} for this VAE (got {height}x{width})")
+    return (teacher.vae.config.latent_channels, frames, height // f, width // f)
+
+
+def seeded_noise(seeds, shape, offset=0):
+    """One N(0, I) tensor per seed, drawn on the CPU so every device gets the same numbers."""
+    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(s) + offset))
+                        for s in seeds])
+
+
+def ddim_step(family, scheduler, x, eps, t, prev_t, eta=0.0, noise=None, x0_rescale=True):
+    """One DDIM update x_t -> x_prev (Song et al. eq. 12), with VC2's x0 rescaling when it is on:
+    pred_x0 is divided by scale_t and re-noised with scale_prev, as VC2's own sampler does."""
+    acp = scheduler.alphas_cumprod
+    a_t = acp[t].float()
+    a_prev = acp[prev_t].float() if prev_t >= 0 else scheduler.final_alpha_cumprod.float()
+    s_t = x0_scale(family, t, x0_rescale)
+    s_prev = x0_scale(family, max(prev_t, 0), x0_rescale)
+    pred_x0 = (x - (1 - a_t).sqrt() * eps) / a_t.sqrt() / s_t
+    sigma = eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)).sqrt()
+    x_prev = a_prev.sqrt() * s_prev * pred_x0 + (1 - a_prev - sigma ** 2).sqrt() * eps
+    if eta > 0:
+        x_prev = x_prev + sigma * noise
+    return x_prev
+
+
+@torch.no_grad()
+def sample(family, unet, scheduler, cond, uncond, seeds, shape, steps, cfg, eta=0.0, x0_rescale=True,
+           progress=False):
+    """DDIM sampling with classifier-free guidance in one batched forward.
+
+    cond (N, L, D) text embeddings, uncond (1, L, D) the embedding of "", one seed per sample fixes
+    the initial noise and the eta noise, so the teacher and a student given the same seeds start from
+    the same x_T. Returns the final latents (N, C, F, h, w) in float32.
+    """
+    from tqdm import tqdm
+
+    device = cond.device
+    dtype = next(unet.parameters()).dtype
+    n = cond.shape[0]
+    x = seeded_noise(seeds, shape).to(device)  # (N, C, F, h, w)
+    scheduler.set_timesteps(steps)
+    emb = torch.cat([uncond.expand(n, -1, -1), cond]).to(dtype)  # (2N, L, D): [uncond; cond]
+    gens = [torch.Generator().manual_seed(int(s) + 1) for s in seeds]
+    timesteps = scheduler.timesteps.tolist()
+    for i, t in enumerate(tqdm(timesteps, desc="ddim", leave=False, disable=not progress)):
+        tt = torch.full((2 * n,), t, device=device, dtype=torch.long)
+        eps_u, eps_c = predict_noise(family, unet, torch.cat([x, x]).to(dtype), tt, emb).float().chunk(2)
+        eps = eps_u + cfg * (eps_c - eps_u)
+        noise = torch.stack([torch.randn(shape, generator=g) for g in gens]).to(device) if eta > 0 else None
+        prev_t = timesteps[i + 1] if i + 1 < len(timesteps) else -1  # "leading": t - T // steps
+        x = ddim_step(family, scheduler, x, eps, t, prev_t, eta, noise, x0_rescale)
+    return x
+
+
+@torch.no_grad()
+def decode(vae, latents, chunk=16):
+    """Latent videos (N, C, F, h, w) -> uint8 videos (N, F, H, W, 3)."""
+    n, c, f, h, w = latents.shape
+    z = latents.permute(0, 2, 1, 3, 4).reshape(n * f, c, h, w)  # (N*F, C, h, w)
+    dtype = next(vae.parameters()).dtype
+    device = next(vae.parameters()).device
+    frames = []
+    for i in range(0, z.shape[0], chunk):
+        zi = (z[i:i + chunk] / vae.config.scaling_factor).to(device, dtype)
+        frames.append(vae.decode(zi).sample.float().clamp(-1, 1).cpu())
+    x = torch.cat(frames)  # (N*F, 3, H, W) in [-1, 1]
+    x = ((x + 1) * 127.5).round().to(torch.uint8)
+    return x.reshape(n, f, 3, x.shape[-2], x.shape[-1]).permute(0, 1, 3, 4, 2).numpy()  # (N, F, H, W, 3)
+
+
+# ----------------------------------------------------------------------------- 6. students
+class Removed(nn.Module):
+    """Identity standing in for a pruned layer; answers the way the caller indexes the original
+    (transformers are called with return_dict=False and indexed [0], so they return a 1-tuple)."""
+
+    def __init__(self, returns_tuple):
+        super().__init__()
+        self.returns_tuple = returns_tuple
+
+    def forward(self, *args, **kwargs):
+        x = args[0] if args else next(kwargs[k] for k in ("hidden_states", "input_tensor", "sample") if k in kwargs)
+        return (x,) if self.returns_tuple else x
+
+
+def remove_layers(unet, paths):
+    """Swap each module path (e.g. 'down_blocks.0.temp_attentions.1') for an identity, in place."""
+    from diffusers.models.transformers.transformer_2d import Transformer2DModel
+    from diffusers.models.transformers.transformer_temporal import TransformerTemporalModel
+
+    for p in paths:
+        parent_name, _, child = p.rpartition(".")
+        try:
+            parent = unet.get_submodule(parent_name) if parent_name else unet
+            old = parent.get_submodule(child)
+        except AttributeError:
+            raise UserError(f"layer '{p}' does not exist in this UNet")
+        if isinstance(old, Removed):
+            continue
+        new = Removed(isinstance(old, (Transformer2DModel, TransformerTemporalModel)))
+        if isinstance(parent, nn.ModuleList):
+            parent[int(child)] = new
+        else:
+            setattr(parent, child, new)
+    return unet
+
+
+def removed_layers(unet):
+    return [n for n, m in unet.named_modules() if isinstance(m, Removed)]
+
+
+def save_student(path, family, unet, teacher, round_=0, args=None, **extra):
+    """Write a student checkpoint: its own tensors (no removed layers) + provenance metadata."""
+    from safetensors.torch import save_file
+
+    sd = unet.state_dict()
+    tensors = {k: sd[k].detach().float().cpu().contiguous() for k in trainable_keys(family, unet)}
+    meta = {
+        "format": STUDENT_FORMAT,
+        "family": family.name,
+        "teacher": teacher.path,
+        "motion_adapter": teacher.motion_adapter,
+        "teacher_fingerprint": teacher.fingerprint,
+        "removed": json.dumps(removed_layers(unet)),
+        "prunable_params": str(count_params(family, unet)),
+        "teacher_prunable_params": str(count_params(family, teacher.unet)),
+        "round": str(round_),
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "made_by": os.path.basename(sys.argv[0]),
+        "args": json.dumps(vars(args) if args is not None else {}, default=str),
+    }
+    meta.update({k: v if isinstance(v, str) else json.dumps(v) for k, v in extra.items()})
+    with atomic_path(path) as tmp:
+        save_file(tensors, tmp, metadata=meta)
+
+
+def read_student_meta(path):
+    from safetensors import safe_open
+
+    if not os.path.exists(path):
+        raise UserError(f"{path}: no such student checkpoint")
+    try:
+        with safe_open(path, "pt") as f:
+            meta = f.metadata() or {}
+    except Exception as e:
+        raise UserError(f"{path}: not a safetensors file ({e})")
+    if meta.get("format") != STUDENT_FORMAT:
+        raise UserError(f"{path}: not a student checkpoint (format '{meta.get('format')}', "
+                        f"expected '{STUDENT_FORMAT}')")
+    meta = dict(meta)
+    meta["removed"] = json.loads(meta["removed"])
+    return meta
+
+
+def load_student(path, teacher):
+    """Rebuild a student: the teacher's architecture, removed layers as identities, strict load.
+    Refuses a checkpoint made from another family or another teacher, naming both."""
+    from safetensors.torch import load_file
+
+    meta = read_student_meta(path)
+    fam = teacher.family
+    if meta["family"] != fam.name or meta["teacher_fingerprint"] != teacher.fingerprint:
+        raise UserError(
+            f"{path}: made from teacher {meta['teacher']} (family {meta['family']}, fingerprint "
+            f"{meta['teacher_fingerprint']}), but the loaded teacher is {teacher.path} (family {fam.name}, "
+            f"fingerprint {teacher.fingerprint})")
+    unet = remove_layers(copy.deepcopy(teacher.unet), meta["removed"])
+    sd = load_file(path)
+    expected = set(trainable_keys(fam, unet))
+    missing, unexpected = sorted(expected - set(sd)), sorted(set(sd) - expected)
+    if missing or unexpected:
+        raise UserError(f"{path}: tensors do not match the pruned architecture "
+                        f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    device = next(teacher.unet.parameters()).device
+    unet.load_state_dict({k: v.to(device) for k, v in sd.items()}, strict=not fam.trains_motion_only)
+    return unet, meta
+
+
+def load_model(teacher, student_path=""):
+    """The student at `student_path`, or a copy of the teacher when no path is given (round 0)."""
+    if student_path:
+        return load_student(student_path, teacher)
+    return copy.deepcopy(teacher.unet), {"removed": [], "round": "0"}
+
+
+# ----------------------------------------------------------------------------- 7. devices, DDP
+def resolve_device(name):
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: CUDA is not available on this machine")
+    return name
+
+
+def dist_setup(device_arg):
+    """(rank, world_size, device): torch.distributed from torchrun's env (NCCL on GPU, gloo on CPU)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    device = resolve_device(device_arg)
+    if world > 1:
+        import torch.distributed as dist
+
+        if device.startswith("cuda"):
+            local = int(os.environ.get("LOCAL_RANK", "0"))
+            torch.cuda.set_device(local)
+            device = f"cuda:{local}"
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    return rank, world, device
+
+
+def dist_cleanup():
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
