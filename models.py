@@ -173,7 +173,7 @@ def bytes_to_unicode():
 def build_clip_tokenizer(model_max_length=77, pad_token="<|endoftext|>"):
     """CLIP's tokenizer built offline from the BPE file that ships inside open_clip (no hub).
 
-    Ids equal `open_clip.tokenize` up to padding; pass pad_token="!" for open_clip's pad id 0.
+    Ids equal `open_clip.tokenize` up to padding (see `tokenize` for open_clip's pad id 0).
     """
     import tempfile
 
@@ -235,6 +235,7 @@ class Family:
     final_ratio: float    # prunable parameters kept after the last round (paper)
     x0_scale_b: float = 0.0   # vc2 x0 rescaling: scale_t 1.0 -> b over t = 0..400 (0 = off)
     fps_folded: bool = False  # vc2: the fps embedding was folded into the time embedding's bias
+    pad_id: int = -1          # token id written after the end token (-1 = the tokenizer's; vc2: 0 like open_clip)
     default_teacher: str = ""
     unet_config: dict = field(default_factory=dict)
 
@@ -245,7 +246,7 @@ class Family:
 
 FAMILIES = {
     "vc2": Family("vc2", 320, 512, 16, 50, 12.0, 1.0, 28, 6e-6, 2, 0.902e9 / 1_413_284_420,
-                  x0_scale_b=0.7, fps_folded=True, unet_config=VC2_UNET_CONFIG),
+                  x0_scale_b=0.7, fps_folded=True, pad_id=0, unet_config=VC2_UNET_CONFIG),
     "animatediff": Family("animatediff", 512, 512, 16, 25, 7.5, 0.0, 8, 1e-5, 3, 0.147e9 / 453_209_280,
                           unet_config=SD15_UNET_CONFIG),
     "toy": Family("toy", 32, 32, 8, 25, 6.0, 0.0, 8, 1e-4, 2, 0.6,
@@ -370,13 +371,22 @@ def load_teacher(family, path, motion_adapter="", device="cpu"):
 
 
 # ----------------------------------------------------------------------------- 5. sampling plumbing
+def tokenize(family, tokenizer, prompts):
+    """Token ids (N, L) padded to the tokenizer's length; vc2 pads with 0 as open_clip.tokenize does
+    (its UNet attends to all positions, so the pad id matters)."""
+    tok = tokenizer(list(prompts), padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                    return_tensors="pt")
+    if family.pad_id >= 0:
+        return tok.input_ids.masked_fill(tok.attention_mask == 0, family.pad_id)
+    return tok.input_ids
+
+
 @torch.no_grad()
 def encode_prompts(teacher, prompts):
     """Text embeddings (N, L, D): the encoder's last hidden state, no attention mask (as VC2/SD)."""
-    tok = teacher.tokenizer(list(prompts), padding="max_length", max_length=teacher.tokenizer.model_max_length,
-                            truncation=True, return_tensors="pt")
+    ids = tokenize(teacher.family, teacher.tokenizer, prompts)
     device = next(teacher.text_encoder.parameters()).device
-    return teacher.text_encoder(tok.input_ids.to(device))[0].float()
+    return teacher.text_encoder(ids.to(device))[0].float()
 
 
 def predict_noise(family, unet, x_t, t, emb):
@@ -474,6 +484,33 @@ def decode(vae, latents, chunk=16):
     x = torch.cat(frames)  # (N*F, 3, H, W) in [-1, 1]
     x = ((x + 1) * 127.5).round().to(torch.uint8)
     return x.reshape(n, f, 3, x.shape[-2], x.shape[-1]).permute(0, 1, 3, 4, 2).numpy()  # (N, F, H, W, 3)
+
+
+def add_sampling_args(p):
+    """The sampler flags shared by every stage that generates videos (0 / -1 = the family default)."""
+    p.add_argument("--steps", type=int, default=0, help="DDIM steps (0 = family default)")
+    p.add_argument("--cfg", type=float, default=0.0, help="classifier-free guidance scale (0 = family default)")
+    p.add_argument("--eta", type=float, default=-1.0, help="DDIM eta (-1 = family default)")
+    p.add_argument("--frames", type=int, default=0, help="frames (0 = family default)")
+    p.add_argument("--height", type=int, default=0, help="height in pixels (0 = family default)")
+    p.add_argument("--width", type=int, default=0, help="width in pixels (0 = family default)")
+    p.add_argument("--no-x0-rescale", action="store_true", help="vc2: sample without VC2's x0 rescaling")
+
+
+def sampling_settings(args, family):
+    """The sampler settings a run uses, family defaults filled in (part of every cache key)."""
+    return {"steps": args.steps or family.steps, "cfg": args.cfg or family.cfg,
+            "eta": family.eta if args.eta < 0 else args.eta, "x0_rescale": not args.no_x0_rescale,
+            "frames": args.frames or family.frames, "height": args.height or family.height,
+            "width": args.width or family.width}
+
+
+def generate(teacher, unet, cond, uncond, seeds, s):
+    """Latents (N, C, F, h, w) and uint8 videos (N, F, H, W, 3) of `unet` under settings `s`."""
+    shape = latent_shape(teacher, s["frames"], s["height"], s["width"])
+    lat = sample(teacher.family, unet, teacher.scheduler, cond, uncond, seeds, shape, s["steps"], s["cfg"],
+                 s["eta"], s["x0_rescale"])
+    return lat, decode(teacher.vae, lat)
 
 
 # ----------------------------------------------------------------------------- 6. students

@@ -1,4 +1,5 @@
 import os
+import subprocess
 import sys
 
 import pytest
@@ -11,6 +12,20 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import tiny  # noqa: E402
 
+# Tiny videos for every stage that samples: 4 frames of 16x16 pixels, 3 DDIM steps.
+TINY_SAMPLING = ["--steps", "3", "--frames", "4", "--height", "16", "--width", "16"]
+PROMPTS = ["a red square moving left quickly", "a blue circle moving up slowly",
+           "a green triangle moving right quickly", "a yellow square moving down slowly"]
+
+
+def run(script, *args, check=True):
+    """Run a project script as a real process; returns the CompletedProcess (stdout + stderr text)."""
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, script), *map(str, args)], capture_output=True,
+                          text=True, cwd=ROOT, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{script} exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
 
 @pytest.fixture(scope="session")
 def vc2_dir(tmp_path_factory):
@@ -21,3 +36,33 @@ def vc2_dir(tmp_path_factory):
 def animatediff_dirs(tmp_path_factory):
     d = tmp_path_factory.mktemp("ad")
     return tiny.make_animatediff(str(d / "sd15"), str(d / "adapter"))
+
+
+@pytest.fixture(scope="session")
+def clip_dir(tmp_path_factory):
+    return tiny.make_tiny_clip(str(tmp_path_factory.mktemp("clip") / "tiny"))
+
+
+@pytest.fixture(scope="session")
+def prompts_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("prompts") / "prompts.txt"
+    path.write_text("# probe prompts\n" + "\n".join(PROMPTS) + "\n")
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def pruned(vc2_dir, prompts_file, tmp_path_factory):
+    """A tiny vc2 student pruned to 80 % with the cheap output importance."""
+    out = str(tmp_path_factory.mktemp("pruned") / "pruned.safetensors")
+    run("prune.py", "--model", "vc2", "--teacher", vc2_dir, "--prompts", prompts_file, "--importance", "output",
+        "--timesteps", "2", "--target-ratio", "0.8", "--out", out, *TINY_SAMPLING)
+    return out
+
+
+@pytest.fixture(scope="session")
+def pairs(vc2_dir, pruned, prompts_file, tmp_path_factory):
+    """make_pairs.py output for the pruned tiny student: (out_dir, first run's CompletedProcess)."""
+    out = str(tmp_path_factory.mktemp("pairs") / "pairs")
+    proc = run("make_pairs.py", "--model", "vc2", "--teacher", vc2_dir, "--student", pruned, "--prompts",
+               prompts_file, "--out-dir", out, "--batch-size", "3", *TINY_SAMPLING)
+    return out, proc

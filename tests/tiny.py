@@ -1,4 +1,5 @@
 """Tiny random models in the real layouts, saved with save_pretrained and loaded like real weights."""
+import json
 import os
 
 import torch
@@ -57,3 +58,23 @@ def make_animatediff(path, adapter_path, seed=0, max_length=16):
             torch.nn.init.normal_(p, std=0.1)
     adapter.save_pretrained(adapter_path)
     return path, adapter_path
+
+
+TINY_CLIP = dict(embed_dim=32,
+                 vision_cfg=dict(image_size=32, layers=2, width=64, head_width=32, patch_size=8),
+                 text_cfg=dict(context_length=77, vocab_size=49408, width=64, heads=2, layers=3))
+
+
+def make_tiny_clip(path, seed=0):
+    """A random tiny open_clip model saved as open_clip's 'local-dir:' layout: config + safetensors."""
+    import open_clip
+    from safetensors.torch import save_file
+
+    torch.manual_seed(seed)
+    model = open_clip.CLIP(**TINY_CLIP)
+    os.makedirs(path)
+    with open(os.path.join(path, "open_clip_config.json"), "w") as f:
+        json.dump({"model_cfg": TINY_CLIP, "preprocess_cfg": {}}, f)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()},
+              os.path.join(path, "open_clip_model.safetensors"))
+    return path

@@ -1,0 +1,225 @@
+"""Prune: remove whole layers of the student, least important first (METHOD.md section 3).
+
+Candidates are residual sub-layers whose removal keeps every shape: spatial transformers,
+temporal transformers, temporal convs, `transformer_in` and same-width ResNets (vc2, toy), or the
+21 motion modules (animatediff). Importance of a candidate l:
+  reward  dR_l = R(M) - R(M without l): sample probe videos without l, score them, compare (paper)
+  output  the increase of the noise-prediction error against the teacher when l is removed,
+          averaged over timesteps on N(0, I) inputs (a cheap proxy: no sampling, no scorer)
+Layers are removed in order of importance until the prunable parameters (as the paper counts
+them) reach --target-params or --target-ratio of the teacher's. Input: the teacher and optionally
+the previous student; output: a student checkpoint whose metadata holds the removed layers and
+the importance table.
+
+Counts only:  python prune.py --model vc2 --architecture-only
+Tiny CPU:     python prune.py --model toy --prompts probe.txt --target-ratio 0.8 --out runs/pruned.safetensors
+One GPU:      python prune.py --model vc2 --teacher ckpt/vc2 --prompts probe.txt --scorer clip \
+                  --scorer-path ViT-H-14:ckpt/clip.safetensors --target-ratio 0.81 --out runs/r1/pruned.safetensors
+"""
+import argparse
+import os
+import time
+
+import torch
+
+import models
+
+
+def get_parser():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="toy", choices=list(models.FAMILIES), help="model family")
+    p.add_argument("--teacher", default="", help="teacher folder (default: the family's shipped teacher)")
+    p.add_argument("--motion-adapter", default="", help="MotionAdapter folder (animatediff)")
+    p.add_argument("--student", default="", help="previous student checkpoint to prune further")
+    p.add_argument("--out", default="", help="student checkpoint to write")
+    p.add_argument("--architecture-only", action="store_true",
+                   help="build the real architecture on the meta device, print counts and candidates, exit")
+    p.add_argument("--target-params", type=int, default=0, help="prunable parameters to keep (paper's count)")
+    p.add_argument("--target-ratio", type=float, default=0.0, help="fraction of the teacher's prunable parameters to keep")
+    p.add_argument("--importance", default="reward", choices=["reward", "output"], help="importance criterion")
+    p.add_argument("--prompts", default="", help="probe prompts (.txt one a line, or .jsonl)")
+    p.add_argument("--num-prompts", type=int, default=8, help="probe prompts used (the first N)")
+    p.add_argument("--scorer", default="toy", choices=["clip", "toy"], help="reward model (rewards.py)")
+    p.add_argument("--scorer-path", default="", help="scorer weights (clip: ARCH:FILE or an open_clip folder)")
+    models.add_sampling_args(p)  # the probe videos' sampler
+    p.add_argument("--timesteps", type=int, default=8, help="output importance: timesteps averaged")
+    p.add_argument("--batch-size", type=int, default=8, help="probe videos per forward")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    return p
+
+
+# ----------------------------------------------------------------------------- candidates
+def candidates(family, unet):
+    """[(module path, parameters)] of the layers that can be removed without changing any shape."""
+    from diffusers.models.resnet import ResnetBlock2D
+
+    names = []
+    for name, module in unet.named_modules():
+        parts = name.split(".")
+        if isinstance(module, models.Removed) or len(parts) < 2:
+            if name == "transformer_in" and not isinstance(module, models.Removed):
+                names.append(name)
+            continue
+        kind = parts[-2]
+        if family.trains_motion_only:
+            ok = kind == "motion_modules"
+        elif kind in ("attentions", "temp_attentions", "temp_convs"):
+            ok = True
+        elif kind == "resnets":  # same width and not on the up path (whose inputs are concatenated skips)
+            ok = (isinstance(module, ResnetBlock2D) and not name.startswith("up_blocks")
+                  and module.in_channels == module.out_channels)
+        else:
+            ok = False
+        if ok and parts[-1].isdigit():
+            names.append(name)
+    return [(n, sum(p.numel() for p in unet.get_submodule(n).parameters())) for n in names]
+
+
+def kind_of(path):
+    return "transformer_in" if path == "transformer_in" else path.split(".")[-2]
+
+
+# ----------------------------------------------------------------------------- importance
+def probe_reward(teacher, unet, scorer, cond, uncond, prompts, seeds, settings, batch):
+    """R(M): the mean of the four reward dimensions over the probe videos of `unet`."""
+    rows = []
+    for i in range(0, len(prompts), batch):
+        _, videos = models.generate(teacher, unet, cond[i:i + batch], uncond, seeds[i:i + batch], settings)
+        rows += scorer.score(videos, prompts[i:i + batch])
+    return sum(sum(r[d] for d in models.DIMS) / len(models.DIMS) for r in rows) / len(rows)
+
+
+@torch.no_grad()
+def predictions(family, unet, cond, x_t, t):
+    """eps of `unet` on probe inputs x_t (N, C, F, h, w) at each timestep of t (K,): (K, N, C, F, h, w)."""
+    return torch.stack([models.predict_noise(family, unet, x_t, torch.full((x_t.shape[0],), tk, device=x_t.device),
+                                             cond) for tk in t.tolist()])
+
+
+def importance(args, family, unet, teacher, cands, prompts, device):
+    """{layer: importance} for every candidate; each is removed in turn and then put back."""
+    from tqdm import tqdm
+
+    cond = models.encode_prompts(teacher, prompts).to(device)
+    seeds = [args.seed + i for i in range(len(prompts))]
+    settings = models.sampling_settings(args, family)
+    if args.importance == "reward":
+        import rewards
+
+        scorer = rewards.get_scorer(args.scorer, args.scorer_path, device)
+        uncond = models.encode_prompts(teacher, [""]).to(device)
+        measure = lambda: probe_reward(teacher, unet, scorer, cond, uncond, prompts, seeds, settings, args.batch_size)
+    else:
+        shape = models.latent_shape(teacher, settings["frames"], settings["height"], settings["width"])
+        x_t = models.seeded_noise(seeds, shape).to(device)  # (N, C, F, h, w) ~ N(0, I)
+        t = torch.linspace(0, teacher.scheduler.config.num_train_timesteps - 1, args.timesteps).long()
+        eps_teacher = predictions(family, teacher.unet, cond, x_t, t)  # (K, N, C, F, h, w), computed once
+        # higher = better, like a reward: minus the error against the teacher
+        measure = lambda: -(predictions(family, unet, cond, x_t, t) - eps_teacher).pow(2).mean().item()
+    base = measure()
+    table = {}
+    for path, _ in tqdm(cands, desc=f"importance ({args.importance})"):
+        parent_name, _, child = path.rpartition(".")
+        parent = unet.get_submodule(parent_name) if parent_name else unet
+        original = parent.get_submodule(child)
+        models.remove_layers(unet, [path])
+        table[path] = base - measure()  # dR_l = R(M) - R(M without l)
+        if isinstance(parent, torch.nn.ModuleList):
+            parent[int(child)] = original
+        else:
+            setattr(parent, child, original)
+    return base, table
+
+
+def select(cands, table, current, target):
+    """Remove the least important layers first until the parameter count reaches the target."""
+    chosen = []
+    for path, n in sorted(cands, key=lambda c: (table[c[0]], -c[1])):
+        if current <= target:
+            break
+        chosen.append(path)
+        current -= n
+    return chosen, current
+
+
+# ----------------------------------------------------------------------------- architecture report
+def architecture_report(family, config_dir):
+    unet = models.build_meta_unet(family, config_dir)
+    total = models.count_params(family, unet)
+    plain = models.count_params(family, unet, paper=False)
+    cands = candidates(family, unet)
+    print(f"family {family.name}: prunable parameters {total:,} as the paper counts them")
+    if family.fps_folded:
+        print(f"  = {plain:,} in the diffusers UNet3DConditionModel + {models.folded_params(family, unet):,} "
+              f"of lvdm's fps embedding, which this port folds into time_embedding.linear_2.bias")
+    print(f"  UNet total {sum(p.numel() for p in unet.parameters()):,} parameters")
+    print(f"\n{len(cands)} candidate layers:")
+    print(f"  {'layer':48s} {'kind':15s} {'params':>13s}")
+    for path, n in cands:
+        print(f"  {path:48s} {kind_of(path):15s} {n:13,d}")
+    removable = sum(n for _, n in cands)
+    print(f"  candidates hold {removable:,} parameters ({removable / total:.1%} of the prunable count)")
+    final = round(family.final_ratio * total)
+    # the paper's final size: can a set of whole candidate layers bring the count there? (largest first)
+    kept, chosen = total, []
+    for path, n in sorted(cands, key=lambda c: -c[1]):
+        if kept - n >= final * 0.995:
+            chosen.append(path)
+            kept -= n
+    reachable = abs(kept - final) <= 0.005 * final
+    print(f"\npaper's final size: {final / 1e9:.3f} B ({1 - family.final_ratio:.1%} fewer), "
+          f"smallest possible with these candidates: {(total - removable) / 1e9:.3f} B")
+    print(f"  {'reachable' if reachable else 'NOT reachable within 0.5%'}: e.g. removing {len(chosen)} layers "
+          f"(largest first) leaves {kept:,} = {kept / 1e9:.4f} B ({1 - kept / total:.1%} fewer); "
+          f"reward importance picks which ones")
+    return total, cands
+
+
+def main(args):
+    family = models.get_family(args.model)
+    if args.architecture_only:
+        architecture_report(family, args.teacher or None)
+        return
+    if not args.out:
+        raise models.UserError("--out is required (or use --architecture-only)")
+    if bool(args.target_params) == bool(args.target_ratio):
+        raise models.UserError("give exactly one of --target-params and --target-ratio")
+    if args.target_ratio and not 0 < args.target_ratio <= 1:
+        raise models.UserError(f"--target-ratio must be in (0, 1], got {args.target_ratio}")
+    if not args.prompts:
+        raise models.UserError("--prompts is required: the probe prompt file")
+    prompts = models.read_prompts(args.prompts)[:args.num_prompts]
+    device = models.resolve_device(args.device)
+    torch.manual_seed(args.seed)
+    teacher = models.load_teacher(family, args.teacher, args.motion_adapter, device)
+    unet, meta = models.load_model(teacher, args.student)
+    unet.eval().requires_grad_(False)
+    full = models.count_params(family, teacher.unet)
+    target = args.target_params or round(args.target_ratio * full)
+    current = models.count_params(family, unet)
+    cands = candidates(family, unet)
+    t0 = time.time()
+    if current <= target:
+        print(f"prune: already at {current:,} <= target {target:,}; nothing removed")
+        base, table = None, {}
+        chosen = []
+    else:
+        base, table = importance(args, family, unet, teacher, cands, prompts, device)
+        chosen, _ = select(cands, table, current, target)
+        models.remove_layers(unet, chosen)
+    after = models.count_params(family, unet)
+    rows = [{"layer": p, "kind": kind_of(p), "params": n, "importance": table[p], "removed": p in chosen}
+            for p, n in sorted(cands, key=lambda c: table.get(c[0], 0.0))] if table else []
+    print(f"{'layer':48s} {'params':>12s} {'importance':>12s}")
+    for r in rows:
+        print(f"{r['layer']:48s} {r['params']:12,d} {r['importance']:12.5f}{'  removed' if r['removed'] else ''}")
+    round_ = int(meta.get("round", 0)) + 1
+    models.save_student(args.out, family, unet, teacher, round_, args, stage="prune", importance=rows,
+                        base_reward=base, removed_now=chosen, seconds=round(time.time() - t0, 1))
+    print(f"prune: {len(chosen)} layers removed, {current:,} -> {after:,} prunable parameters "
+          f"({after / full:.1%} of the teacher's {full:,}; target {target:,}); wrote {args.out}")
+
+
+if __name__ == "__main__":
+    models.cli(main, get_parser())

@@ -1,0 +1,267 @@
+"""ReDPO: distill a pruned student back with Diffusion-DPO + SFT on teacher-vs-student pairs.
+
+METHOD.md section 4. Input: a pairs JSONL (make_pairs.py / filter_pairs.py) whose rows point at
+cached latents and text embeddings, the teacher folder, and a student checkpoint (prune.py).
+Output: the trained student checkpoint (same format) and a JSONL training log beside it.
+Training never runs the VAE or the text encoder. One step = one student forward+backward on
+[winners; losers] with a shared t and eps, and one teacher forward under no_grad whose output is
+both the DPO reference and the SFT target.
+
+Tiny CPU:  python redpo.py --model toy --pairs runs/pairs.jsonl --student runs/pruned.safetensors \
+               --out runs/redpo.safetensors --max-steps 50
+One GPU:   python redpo.py --model vc2 --teacher ckpt/vc2 --pairs runs/r1/pairs.jsonl \
+               --student runs/r1/pruned.safetensors --out runs/r1/redpo.safetensors --max-steps 2000
+Many GPUs: torchrun --nproc_per_node 8 redpo.py ...  (DDP; each rank draws its own batches)
+"""
+import argparse
+import copy
+import json
+import math
+import os
+import time
+
+import torch
+import torch.nn.functional as F
+
+import models
+
+
+def get_parser():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="toy", choices=list(models.FAMILIES), help="model family")
+    p.add_argument("--teacher", default="", help="teacher folder (default: the family's shipped teacher)")
+    p.add_argument("--motion-adapter", default="", help="MotionAdapter folder (animatediff)")
+    p.add_argument("--pairs", required=True, help="pairs JSONL with cached latents and text embeddings")
+    p.add_argument("--student", default="", help="student checkpoint to train (default: the teacher itself)")
+    p.add_argument("--out", required=True, help="where to write the trained student checkpoint")
+    p.add_argument("--loss", default="redpo", choices=["redpo", "dpo", "sft"], help="ReDPO or an ablation")
+    p.add_argument("--beta", type=float, default=5000.0, help="DPO temperature (the 1/2 is applied in the loss)")
+    p.add_argument("--w-sft", type=float, default=1.0, help="weight of the SFT term in ReDPO")
+    p.add_argument("--sft-target", default="teacher", choices=["teacher", "noise"],
+                   help="SFT regresses onto the teacher's prediction or onto the true noise")
+    p.add_argument("--reference", default="teacher", choices=["teacher", "student0"],
+                   help="DPO reference: the frozen teacher M_0 (paper) or the frozen initial student")
+    p.add_argument("--lr", type=float, default=0.0, help="AdamW learning rate (0 = the family's default)")
+    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
+    p.add_argument("--warmup", type=int, default=10, help="linear warmup steps")
+    p.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping (0 = off)")
+    p.add_argument("--batch-size", type=int, default=4, help="pairs per micro-batch per process")
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    p.add_argument("--max-steps", type=int, default=100, help="optimizer steps")
+    p.add_argument("--log-every", type=int, default=10, help="log one line every N steps")
+    p.add_argument("--no-x0-rescale", action="store_true", help="vc2: noise x0 without VC2's scale_t")
+    p.add_argument("--grad-checkpointing", action="store_true", help="recompute UNet blocks in backward")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                   help="auto = bf16 autocast on CUDA, fp32 elsewhere")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    return p
+
+
+# ----------------------------------------------------------------------------- the loss
+def redpo_loss_reference(eps_theta, eps_ref, eps, beta=5000.0, w_sft=1.0, loss_type="redpo",
+                         sft_target="teacher", eps_teacher_w=None):
+    """ReDPO written step by step like METHOD.md section 4 (the oracle the fused loss is tested on).
+
+    eps_theta, eps_ref, eps: (2B, C, F, H, W), winners first. eps_teacher_w: the teacher's prediction
+    on the winners when the reference is not the teacher (None = eps_ref's winners).
+    """
+    B = eps_theta.shape[0] // 2
+    eps_theta_w, eps_theta_l = eps_theta[:B], eps_theta[B:]
+    eps_ref_w, eps_ref_l = eps_ref[:B], eps_ref[B:]
+    eps_w, eps_l = eps[:B], eps[B:]
+    all_but_batch = (1, 2, 3, 4)  # channels, frames, height, width
+
+    # per-sample errors e = mean |eps - eps_model(x_t, c, t)|^2 over all non-batch dimensions
+    e_theta_w = (eps_w - eps_theta_w).pow(2).mean(dim=all_but_batch)
+    e_theta_l = (eps_l - eps_theta_l).pow(2).mean(dim=all_but_batch)
+    e_ref_w = (eps_w - eps_ref_w).pow(2).mean(dim=all_but_batch)
+    e_ref_l = (eps_l - eps_ref_l).pow(2).mean(dim=all_but_batch)
+
+    # L_DPO = -log sigmoid( -(beta/2) * [(e_theta_w - e_ref_w) - (e_theta_l - e_ref_l)] )
+    inside = -(beta / 2) * ((e_theta_w - e_ref_w) - (e_theta_l - e_ref_l))
+    L_dpo = -F.logsigmoid(inside)
+
+    # L_SFT = mean |eps_theta(x_t_w) - eps_ref(x_t_w)|^2 on the winner only (or against the true noise)
+    if sft_target == "teacher":
+        target_w = eps_ref_w if eps_teacher_w is None else eps_teacher_w
+    else:
+        target_w = eps_w
+    L_sft = (eps_theta_w - target_w).pow(2).mean(dim=all_but_batch)
+
+    # L_ReDPO = L_DPO + w_sft * L_SFT, averaged over the batch
+    if loss_type == "redpo":
+        loss = (L_dpo + w_sft * L_sft).mean()
+    elif loss_type == "dpo":
+        loss = L_dpo.mean()
+    else:
+        loss = L_sft.mean()
+    stats = {"dpo": L_dpo.mean().detach(), "sft": L_sft.mean().detach(),
+             "implicit_acc": (inside > 0).float().mean().detach()}
+    return loss, stats
+
+
+def redpo_loss(eps_theta, eps_ref, eps, beta=5000.0, w_sft=1.0, loss_type="redpo", sft_target="teacher",
+               eps_teacher_w=None):
+    """The loss used in training: the same math over the batched predictions in fp32, one reduction
+    per model. Shapes as redpo_loss_reference; returns (loss, stats)."""
+    if loss_type not in ("redpo", "dpo", "sft") or sft_target not in ("teacher", "noise"):
+        raise ValueError(f"loss_type={loss_type!r}, sft_target={sft_target!r}")
+    eps_theta, eps_ref, eps = eps_theta.float(), eps_ref.float(), eps.float()
+    B = eps_theta.shape[0] // 2
+    err_theta = (eps - eps_theta).pow(2).flatten(1).mean(1)  # (2B,) = [e_theta_w; e_theta_l]
+    err_ref = (eps - eps_ref).pow(2).flatten(1).mean(1)      # (2B,) = [e_ref_w; e_ref_l]
+    diff_w, diff_l = (err_theta - err_ref).chunk(2)          # (B,), (B,)
+    inside = -0.5 * beta * (diff_w - diff_l)                 # the 1/2 of -(beta/2)
+    L_dpo = -F.logsigmoid(inside)
+    if sft_target == "teacher":
+        target_w = eps_ref[:B] if eps_teacher_w is None else eps_teacher_w.float()
+    else:
+        target_w = eps[:B]
+    L_sft = (eps_theta[:B] - target_w).pow(2).flatten(1).mean(1)  # (B,)
+    per_sample = {"redpo": L_dpo + w_sft * L_sft, "dpo": L_dpo, "sft": L_sft}[loss_type]
+    stats = {"dpo": L_dpo.mean().detach(), "sft": L_sft.mean().detach(),
+             "implicit_acc": (inside > 0).float().mean().detach()}
+    return per_sample.mean(), stats
+
+
+# ----------------------------------------------------------------------------- helpers
+def load_pairs(path):
+    """(x0_w, x0_l, emb) tensors (N, C, F, h, w), (N, C, F, h, w), (N, L, D) from a pairs JSONL."""
+    from safetensors.torch import load_file
+
+    rows = models.read_jsonl(path, required=("id", "prompt", "winner.latents", "loser.latents", "text_emb"))
+    if not rows:
+        raise models.UserError(f"{path}: no pairs in file")
+    base = os.path.dirname(os.path.abspath(path))
+    cache = {}
+
+    def tensor(n, rel, key):
+        f = os.path.join(base, rel)
+        if f not in cache:
+            if not os.path.exists(f):
+                raise models.UserError(f"{path}:{n}: missing file {rel}")
+            cache[f] = load_file(f)
+        if key not in cache[f]:
+            raise models.UserError(f"{path}:{n}: {rel} holds no '{key}' tensor")
+        return cache[f][key]
+
+    x0_w, x0_l, emb = [], [], []
+    for n, row in enumerate(rows, 1):
+        x0_w.append(tensor(n, row["winner"]["latents"], "latents"))
+        x0_l.append(tensor(n, row["loser"]["latents"], "latents"))
+        emb.append(tensor(n, row["text_emb"], "text_emb"))
+        if x0_w[-1].shape != x0_l[-1].shape or x0_w[-1].shape != x0_w[0].shape:
+            raise models.UserError(f"{path}:{n}: latent shapes differ ({tuple(x0_w[-1].shape)} vs "
+                                   f"{tuple(x0_l[-1].shape)}, first row {tuple(x0_w[0].shape)})")
+    return torch.stack(x0_w).float(), torch.stack(x0_l).float(), torch.stack(emb).float()
+
+
+def checkpoint_blocks(unet):
+    """Gradient checkpointing: UNetMotionModel has it; for UNet3DConditionModel wrap each block."""
+    from torch.utils.checkpoint import checkpoint
+
+    if getattr(unet, "_supports_gradient_checkpointing", False) and not hasattr(unet, "transformer_in"):
+        unet.enable_gradient_checkpointing()
+        return
+    for block in [*unet.down_blocks, unet.mid_block, *unet.up_blocks]:
+        block.forward = (lambda f: lambda *a, **k: checkpoint(f, *a, use_reentrant=False, **k))(block.forward)
+
+
+def trainable_parameters(family, unet):
+    """Freeze everything but the student's own tensors (all of the UNet, or the motion modules)."""
+    names = set(models.trainable_keys(family, unet))
+    unet.requires_grad_(False)
+    params = [p for n, p in unet.named_parameters() if n in names]
+    for p in params:
+        p.requires_grad_(True)
+    return params
+
+
+def main(args):
+    rank, world, device = models.dist_setup(args.device)
+    family = models.get_family(args.model)
+    lr = args.lr or family.lr
+    use_bf16 = args.precision == "bf16" or (args.precision == "auto" and device.startswith("cuda"))
+    torch.manual_seed(args.seed + rank)
+
+    x0_w_all, x0_l_all, emb_all = load_pairs(args.pairs)  # validate inputs before any heavy work
+    teacher = models.load_teacher(family, args.teacher, args.motion_adapter, device)
+    student, meta = models.load_model(teacher, args.student)
+    params = trainable_parameters(family, student)
+    student.eval()  # dropout off (diffusers' temporal convs have 0.1): the student is compared with a
+    #                 dropout-free reference, and L_DPO = log 2 must hold while they are equal
+    reference = None
+    if args.reference == "student0":
+        reference = copy.deepcopy(student).requires_grad_(False).eval()
+    if args.grad_checkpointing:
+        checkpoint_blocks(student)
+    model = student
+    if world > 1:
+        model = torch.nn.parallel.DistributedDataParallel(student, device_ids=[device] if device.startswith("cuda") else None)
+    loss_fn = torch.compile(redpo_loss) if device.startswith("cuda") else redpo_loss
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=args.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, args.warmup)))
+    scheduler = teacher.scheduler
+    T = scheduler.config.num_train_timesteps
+    n_pairs = x0_w_all.shape[0]
+    order, cursor = torch.randperm(n_pairs), 0
+    log, t0, last = [], time.time(), time.time()
+    if rank == 0:
+        print(f"redpo: {n_pairs} pairs, {sum(p.numel() for p in params):,} trainable parameters, "
+              f"loss={args.loss} beta={args.beta} w_sft={args.w_sft} reference={args.reference} lr={lr:g} "
+              f"world={world} device={device}")
+    from tqdm import tqdm
+
+    for step in tqdm(range(1, args.max_steps + 1), desc="redpo", disable=rank != 0):
+        totals = {"loss": 0.0, "dpo": 0.0, "sft": 0.0, "implicit_acc": 0.0}
+        for micro in range(args.grad_accum):
+            if cursor + args.batch_size > n_pairs:
+                order, cursor = torch.randperm(n_pairs), 0
+            idx = order[cursor:cursor + args.batch_size]
+            cursor += args.batch_size
+            x0_w, x0_l, emb = x0_w_all[idx].to(device), x0_l_all[idx].to(device), emb_all[idx].to(device)
+            B = x0_w.shape[0]
+            x0 = torch.cat([x0_w, x0_l])                                     # (2B, C, F, h, w): [winners; losers]
+            t = torch.randint(0, T, (B,), device=device).repeat(2)           # (2B,) shared t per pair
+            eps = torch.randn_like(x0_w).repeat(2, 1, 1, 1, 1)               # (2B, C, F, h, w) shared noise
+            x_t = models.add_noise(family, scheduler, x0, eps, t, not args.no_x0_rescale)
+            emb2 = torch.cat([emb, emb])                                     # (2B, L, D)
+            with torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=use_bf16):
+                with torch.no_grad():
+                    eps_teacher = models.predict_noise(family, teacher.unet, x_t, t, emb2)
+                    eps_ref, eps_teacher_w = eps_teacher, None
+                    if reference is not None:  # DPO against the initial student, SFT still on the teacher
+                        eps_ref, eps_teacher_w = models.predict_noise(family, reference, x_t, t, emb2), eps_teacher[:B]
+                eps_theta = models.predict_noise(family, model, x_t, t, emb2)
+            loss, stats = loss_fn(eps_theta, eps_ref, eps, args.beta, args.w_sft, args.loss, args.sft_target,
+                                  eps_teacher_w)
+            (loss / args.grad_accum).backward()
+            totals["loss"] += loss.item() / args.grad_accum
+            for k in ("dpo", "sft", "implicit_acc"):
+                totals[k] += stats[k].item() / args.grad_accum
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm if args.max_grad_norm > 0 else math.inf)
+        lr_now = opt.param_groups[0]["lr"]
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        row = {"step": step, **{k: round(v, 6) for k, v in totals.items()}, "grad_norm": round(grad_norm.item(), 6),
+               "lr": lr_now}
+        log.append(row)
+        if rank == 0 and (step % args.log_every == 0 or step == args.max_steps):
+            rate = args.log_every / (time.time() - last) if step % args.log_every == 0 else step / (time.time() - t0)
+            last = time.time()
+            tqdm.write(f"step {step:5d} | loss {totals['loss']:.4f} | dpo {totals['dpo']:.4f} | sft {totals['sft']:.6f}"
+                       f" | implicit_acc {totals['implicit_acc']:.3f} | lr {row['lr']:.2e} | {rate:.2f} steps/s")
+    if rank == 0:
+        seconds = time.time() - t0
+        models.save_student(args.out, family, student, teacher, meta.get("round", "0"), args, stage="redpo",
+                            pairs=os.path.abspath(args.pairs), steps=args.max_steps, train_seconds=round(seconds, 1))
+        models.write_jsonl(os.path.splitext(args.out)[0] + ".log.jsonl", log)
+        print(f"redpo: wrote {args.out} ({models.count_params(family, student):,} prunable parameters, "
+              f"{args.max_steps} steps in {seconds:.1f}s)")
+    models.dist_cleanup()
+
+
+if __name__ == "__main__":
+    models.cli(main, get_parser())

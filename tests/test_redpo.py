@@ -1,0 +1,169 @@
+"""redpo.py: the loss (oracle vs fused, the log 2 fact, reductions) and training runs that change weights."""
+import copy
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import models
+import redpo
+from conftest import ROOT, run
+
+LOSS_TYPES = ["redpo", "dpo", "sft"]
+SFT_TARGETS = ["teacher", "noise"]
+
+
+def preds(B=3, shape=(4, 3, 5, 6), seed=0):
+    g = torch.Generator().manual_seed(seed)
+    eps = torch.randn(B, *shape, generator=g).repeat(2, 1, 1, 1, 1)  # winners and losers share eps
+    return (eps + 0.3 * torch.randn(2 * B, *shape, generator=g), eps + 0.3 * torch.randn(2 * B, *shape, generator=g), eps)
+
+
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+@pytest.mark.parametrize("sft_target", SFT_TARGETS)
+def test_fused_loss_matches_reference(loss_type, sft_target):
+    eps_theta, eps_ref, eps = preds()
+    teacher_w = eps_ref[:3] + 0.1
+    for extra in (None, teacher_w):
+        a, sa = redpo.redpo_loss_reference(eps_theta, eps_ref, eps, 37.0, 0.7, loss_type, sft_target, extra)
+        b, sb = redpo.redpo_loss(eps_theta, eps_ref, eps, 37.0, 0.7, loss_type, sft_target, extra)
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+        for k in ("dpo", "sft", "implicit_acc"):
+            assert torch.allclose(sa[k], sb[k], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("fn", [redpo.redpo_loss, redpo.redpo_loss_reference])
+def test_student_equal_to_reference_gives_log2_and_zero_sft(fn):
+    eps_theta, _, eps = preds()
+    loss, stats = fn(eps_theta, eps_theta.clone(), eps)  # defaults: beta 5000, w_sft 1, redpo, teacher
+    assert stats["dpo"].item() == pytest.approx(math.log(2), abs=1e-7)
+    assert stats["sft"].item() == 0.0
+    assert loss.item() == pytest.approx(math.log(2), abs=1e-7)
+    assert stats["implicit_acc"].item() == 0.0  # inside == 0 is not > 0
+
+
+def test_loss_values_by_hand():
+    """One pair, scalar-like tensors: the loss equals the formula of METHOD.md evaluated by hand."""
+    shape = (1, 1, 1, 1)
+    eps = torch.zeros(2, *shape)
+    eps_theta = torch.tensor([0.1, 0.5]).view(2, *shape)  # e_theta_w = 0.01, e_theta_l = 0.25
+    eps_ref = torch.tensor([0.2, 0.3]).view(2, *shape)    # e_ref_w = 0.04,  e_ref_l = 0.09
+    beta, w = 10.0, 2.0
+    inside = -(beta / 2) * ((0.01 - 0.04) - (0.25 - 0.09))
+    want = -math.log(1 / (1 + math.exp(-inside))) + w * (0.1 - 0.2) ** 2
+    loss, stats = redpo.redpo_loss(eps_theta, eps_ref, eps, beta, w)
+    assert loss.item() == pytest.approx(want, rel=1e-5)
+    assert stats["implicit_acc"].item() == 1.0
+    assert redpo.redpo_loss(eps_theta, eps_ref, eps, beta, w, "sft", "noise")[0].item() == pytest.approx(0.01, rel=1e-5)
+
+
+def test_errors_average_over_all_non_batch_axes():
+    """A difference confined to one frame must count with weight 1/(C*F*H*W), as a full mean does."""
+    eps_theta, eps_ref, eps = preds(B=1)
+    bumped = eps_theta.clone()
+    bumped[0, :, 2] += 1.0  # winner, one frame
+    d = redpo.redpo_loss_reference(bumped, eps_ref, eps, 1.0, 1.0, "sft", "noise")[0] - \
+        redpo.redpo_loss_reference(eps_theta, eps_ref, eps, 1.0, 1.0, "sft", "noise")[0]
+    want = ((eps_theta[0] + (torch.arange(3) == 2).view(1, 3, 1, 1) - eps[0]).pow(2).mean()
+            - (eps_theta[0] - eps[0]).pow(2).mean())
+    assert d.item() == pytest.approx(want.item(), rel=1e-5)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(vc2_dir):
+    teacher = models.load_teacher(models.get_family("vc2"), vc2_dir)
+    fam = teacher.family
+    x = torch.randn(2, 4, 4, 4, 4)
+    t = torch.tensor([10, 700])
+    emb = models.encode_prompts(teacher, ["a", "b"])
+    grads = []
+    for ckpt in (False, True):
+        unet = copy.deepcopy(teacher.unet).requires_grad_(True).eval()  # redpo trains with dropout off
+        if ckpt:
+            redpo.checkpoint_blocks(unet)
+        models.predict_noise(fam, unet, x, t, emb).pow(2).mean().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in unet.parameters()]))
+    assert torch.allclose(grads[0], grads[1], atol=1e-6)
+
+
+def changed(before, after_path, teacher=None):
+    after = load_file(after_path)
+    return [k for k in after if not torch.equal(before[k], after[k])]
+
+
+def test_training_changes_parameters_and_records_provenance(vc2_dir, pruned, pairs, tmp_path):
+    out = tmp_path / "student.safetensors"
+    proc = run("redpo.py", "--model", "vc2", "--teacher", vc2_dir, "--student", pruned, "--pairs",
+               os.path.join(pairs[0], "pairs.jsonl"), "--out", out, "--max-steps", "4", "--log-every", "2",
+               "--batch-size", "2", "--lr", "1e-3", "--warmup", "2", "--grad-accum", "2")
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("step ")]
+    assert len(lines) == 2 and all(k in lines[0] for k in ("loss", "dpo", "sft", "implicit_acc", "lr", "steps/s"))
+    before = load_file(pruned)
+    assert set(load_file(out)) == set(before)  # the same pruned architecture
+    assert len(changed(before, out)) > len(before) // 2
+    meta, pmeta = models.read_student_meta(str(out)), models.read_student_meta(pruned)
+    assert meta["removed"] == pmeta["removed"] and meta["removed"]
+    assert meta["stage"] == "redpo" and json.loads(meta["args"])["lr"] == 1e-3 and meta["round"] == pmeta["round"]
+    log = [json.loads(ln) for ln in open(tmp_path / "student.log.jsonl")]
+    assert [r["step"] for r in log] == [1, 2, 3, 4] and all(math.isfinite(r["loss"]) for r in log)
+    assert log[0]["lr"] == pytest.approx(5e-4) and log[1]["lr"] == pytest.approx(1e-3)  # warmup
+
+
+@pytest.mark.parametrize("flags", [
+    ["--loss", "dpo", "--reference", "student0", "--precision", "fp32"],
+    ["--loss", "sft", "--sft-target", "noise", "--grad-checkpointing", "--no-x0-rescale"],
+    ["--loss", "redpo", "--sft-target", "teacher", "--reference", "teacher", "--precision", "auto",
+     "--max-grad-norm", "0", "--weight-decay", "0.01", "--seed", "3", "--device", "cpu"],
+])
+def test_every_loss_option_trains(vc2_dir, pruned, pairs, tmp_path, flags):
+    out = str(tmp_path / "s.safetensors")
+    args = redpo.get_parser().parse_args(["--model", "vc2", "--teacher", vc2_dir, "--student", pruned, "--pairs",
+                                          os.path.join(pairs[0], "pairs.jsonl"), "--out", out, "--max-steps", "2",
+                                          "--batch-size", "2", "--lr", "1e-3", *flags])
+    redpo.main(args)
+    assert changed(load_file(pruned), out)
+    assert json.loads(models.read_student_meta(out)["args"])["loss"] == args.loss
+
+
+def test_animatediff_trains_only_motion_modules(animatediff_dirs, prompts_file, tmp_path):
+    sd, adapter = animatediff_dirs
+    common = ["--model", "animatediff", "--teacher", sd, "--motion-adapter", adapter]
+    run("make_pairs.py", *common, "--prompts", prompts_file, "--out-dir", tmp_path / "pairs", "--steps", "2",
+        "--frames", "4", "--height", "16", "--width", "16")
+    args = redpo.get_parser().parse_args([*common, "--pairs", str(tmp_path / "pairs" / "pairs.jsonl"), "--out",
+                                          str(tmp_path / "s.safetensors"), "--max-steps", "2", "--lr", "1e-2"])
+    redpo.main(args)
+    teacher = models.load_teacher(models.get_family("animatediff"), sd, adapter)
+    student, _ = models.load_student(str(tmp_path / "s.safetensors"), teacher)
+    t_sd, s_sd = teacher.unet.state_dict(), student.state_dict()
+    moved = {k for k in t_sd if not torch.equal(t_sd[k], s_sd[k])}
+    assert moved and all(".motion_modules." in k for k in moved)
+    assert set(load_file(str(tmp_path / "s.safetensors"))) == {k for k in t_sd if ".motion_modules." in k}
+
+
+def test_torchrun_two_processes(vc2_dir, pruned, pairs, tmp_path):
+    """Real DDP: two CPU processes under torchrun (gloo) train and rank 0 writes one checkpoint."""
+    out = tmp_path / "ddp.safetensors"
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                           "29517", os.path.join(ROOT, "redpo.py"), "--model", "vc2", "--teacher", vc2_dir, "--student",
+                           pruned, "--pairs", os.path.join(pairs[0], "pairs.jsonl"), "--out", str(out), "--max-steps",
+                           "2", "--batch-size", "1", "--lr", "1e-3", "--log-every", "1"],
+                          capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "world=2" in proc.stdout and proc.stdout.count("step ") == 2  # rank 0 logs alone
+    assert changed(load_file(pruned), str(out))
+
+
+def test_bad_pairs_file_is_a_one_line_error(vc2_dir, tmp_path):
+    bad = tmp_path / "pairs.jsonl"
+    bad.write_text('{"id": "0", "prompt": "x", "winner": {"latents": "a"}, "loser": {"latents": "b"}, "text_emb": "c"}\n'
+                   '{"id": "1", "prompt": "y"\n')
+    proc = run("redpo.py", "--model", "vc2", "--teacher", vc2_dir, "--pairs", bad, "--out", tmp_path / "o.safetensors",
+               check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().count("\n") == 0 and f"{bad}:2" in proc.stderr
+    assert not (tmp_path / "o.safetensors").exists()
