@@ -236,6 +236,7 @@ class Family:
     x0_scale_b: float = 0.0   # vc2 x0 rescaling: scale_t 1.0 -> b over t = 0..400 (0 = off)
     fps_folded: bool = False  # vc2: the fps embedding was folded into the time embedding's bias
     pad_id: int = -1          # token id written after the end token (-1 = the tokenizer's; vc2: 0 like open_clip)
+    latent_factor: int = 8    # pixels per latent pixel of the family's VAE
     default_teacher: str = ""
     unet_config: dict = field(default_factory=dict)
 
@@ -249,7 +250,7 @@ FAMILIES = {
                   x0_scale_b=0.7, fps_folded=True, pad_id=0, unet_config=VC2_UNET_CONFIG),
     "animatediff": Family("animatediff", 512, 512, 16, 25, 7.5, 0.0, 8, 1e-5, 3, 0.147e9 / 453_209_280,
                           unet_config=SD15_UNET_CONFIG),
-    "toy": Family("toy", 32, 32, 8, 25, 6.0, 0.0, 8, 1e-4, 2, 0.6,
+    "toy": Family("toy", 32, 32, 8, 25, 6.0, 0.0, 8, 1e-4, 2, 0.6, latent_factor=4,
                   default_teacher=os.path.join(HERE, "toy", "teacher")),
 }
 

@@ -34,6 +34,8 @@ def get_parser():
     p.add_argument("--out", default="", help="student checkpoint to write")
     p.add_argument("--architecture-only", action="store_true",
                    help="build the real architecture on the meta device, print counts and candidates, exit")
+    p.add_argument("--rounds", type=int, default=0,
+                   help="--architecture-only: show a schedule over this many rounds (0 = the paper's)")
     p.add_argument("--target-params", type=int, default=0, help="prunable parameters to keep (paper's count)")
     p.add_argument("--target-ratio", type=float, default=0.0, help="fraction of the teacher's prunable parameters to keep")
     p.add_argument("--importance", default="reward", choices=["reward", "output"], help="importance criterion")
@@ -144,42 +146,76 @@ def select(cands, table, current, target):
 
 
 # ----------------------------------------------------------------------------- architecture report
-def architecture_report(family, config_dir):
+def meta_flops(family, unet):
+    """FLOPs of one UNet forward on one latent video at the family's native size (meta device)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    f = family.latent_factor
+    with torch.device("meta"), FlopCounterMode(display=False) as counter:
+        x = torch.zeros(1, unet.config.in_channels, family.frames, family.height // f, family.width // f)
+        emb = torch.zeros(1, 77, unet.config.cross_attention_dim)
+        models.predict_noise(family, unet, x, torch.zeros(1, dtype=torch.long), emb)
+    return counter.get_total_flops()
+
+
+def largest_first(cands, current, target):
+    """An example set of whole layers reaching `target` from above: the largest that still fit."""
+    chosen = []
+    for path, n in sorted(cands, key=lambda c: -c[1]):
+        if current - n >= target:
+            chosen.append(path)
+            current -= n
+    return chosen, current
+
+
+def architecture_report(family, config_dir, rounds):
+    """Counts as the paper counts them, every candidate, and a schedule reaching the paper's size."""
     unet = models.build_meta_unet(family, config_dir)
     total = models.count_params(family, unet)
-    plain = models.count_params(family, unet, paper=False)
     cands = candidates(family, unet)
     print(f"family {family.name}: prunable parameters {total:,} as the paper counts them")
     if family.fps_folded:
-        print(f"  = {plain:,} in the diffusers UNet3DConditionModel + {models.folded_params(family, unet):,} "
-              f"of lvdm's fps embedding, which this port folds into time_embedding.linear_2.bias")
+        print(f"  = {models.count_params(family, unet, paper=False):,} in the diffusers UNet3DConditionModel + "
+              f"{models.folded_params(family, unet):,} of lvdm's fps embedding, which this port folds into "
+              f"time_embedding.linear_2.bias")
     print(f"  UNet total {sum(p.numel() for p in unet.parameters()):,} parameters")
-    print(f"\n{len(cands)} candidate layers:")
-    print(f"  {'layer':48s} {'kind':15s} {'params':>13s}")
+    print(f"\n{len(cands)} candidate layers:\n  {'layer':48s} {'kind':15s} {'params':>13s}")
     for path, n in cands:
         print(f"  {path:48s} {kind_of(path):15s} {n:13,d}")
     removable = sum(n for _, n in cands)
-    print(f"  candidates hold {removable:,} parameters ({removable / total:.1%} of the prunable count)")
+    print(f"  candidates hold {removable:,} parameters ({removable / total:.1%} of the prunable count); "
+          f"the smallest student has {(total - removable) / 1e9:.3f} B")
     final = round(family.final_ratio * total)
-    # the paper's final size: can a set of whole candidate layers bring the count there? (largest first)
-    kept, chosen = total, []
-    for path, n in sorted(cands, key=lambda c: -c[1]):
-        if kept - n >= final * 0.995:
-            chosen.append(path)
-            kept -= n
-    reachable = abs(kept - final) <= 0.005 * final
-    print(f"\npaper's final size: {final / 1e9:.3f} B ({1 - family.final_ratio:.1%} fewer), "
-          f"smallest possible with these candidates: {(total - removable) / 1e9:.3f} B")
-    print(f"  {'reachable' if reachable else 'NOT reachable within 0.5%'}: e.g. removing {len(chosen)} layers "
-          f"(largest first) leaves {kept:,} = {kept / 1e9:.4f} B ({1 - kept / total:.1%} fewer); "
-          f"reward importance picks which ones")
+    size = f"{family.frames}x{family.height}x{family.width}"
+    flops0 = meta_flops(family, unet)
+    print(f"\nthe paper's final size {final / 1e9:.3f} B ({1 - family.final_ratio:.1%} fewer) in "
+          f"{rounds or family.rounds} rounds, linear schedule; an example set of layers, largest first "
+          f"(reward importance chooses the real ones); FLOPs of one forward at {size}:")
+    print(f"  round 0: {total:,} params, {flops0 / 1e12:.2f} TFLOPs")
+    # the final set first (largest first, within 0.5 % of the paper's size), then split over the rounds
+    final_set, _ = largest_first(cands, total, final * 0.995)
+    current, rounds = total, rounds or family.rounds
+    for k in range(1, rounds + 1):
+        target = round(total * (1 - (1 - family.final_ratio) * k / rounds))
+        left = [(p, n) for p, n in cands if p in final_set and p not in models.removed_layers(unet)]
+        chosen = [p for p, _ in left] if k == rounds else largest_first(left, current, target * 0.995)[0]
+        current -= sum(n for p, n in left if p in chosen)
+        models.remove_layers(unet, chosen)
+        flops = meta_flops(family, unet)
+        print(f"  round {k}: target {target:,}, removed {len(chosen)} layers -> {current:,} params "
+              f"({current / total:.1%}), {flops / 1e12:.2f} TFLOPs ({1 - flops / flops0:.1%} fewer)")
+        for path in chosen:
+            print(f"      - {path} ({dict(cands)[path]:,})")
+    reachable = abs(current - final) <= 0.005 * final
+    print(f"  {'reachable' if reachable else 'NOT reachable within 0.5%'}: {current / 1e9:.4f} B "
+          f"({1 - current / total:.1%} fewer) against the paper's {final / 1e9:.3f} B")
     return total, cands
 
 
 def main(args):
     family = models.get_family(args.model)
     if args.architecture_only:
-        architecture_report(family, args.teacher or None)
+        architecture_report(family, args.teacher or None, args.rounds)
         return
     if not args.out:
         raise models.UserError("--out is required (or use --architecture-only)")

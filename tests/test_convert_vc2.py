@@ -177,9 +177,7 @@ def test_text_encoder_is_openclip_penultimate(tiny):
     teacher = models.load_teacher(models.get_family("vc2"), tiny["out"])
     clip, prompts = tiny["clip"], ["a red square moving left", "", "two yellow circles, fast, at 3.5 px/frame"]
     tokens = open_clip.tokenize(prompts)  # (N, 77), padded with 0
-    ids = teacher.tokenizer(prompts, padding="max_length", max_length=77, truncation=True,
-                            return_tensors="pt").input_ids
-    assert torch.equal(ids, tokens)
+    assert torch.equal(models.tokenize(teacher.family, teacher.tokenizer, prompts), tokens)
     with torch.no_grad():
         h = clip.token_embedding(tokens) + clip.positional_embedding  # (N, L, D), batch-first
         for block in clip.transformer.resblocks[:-1]:  # VC2's "penultimate": all blocks but the last

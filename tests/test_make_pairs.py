@@ -1,0 +1,65 @@
+"""make_pairs.py: the JSONL schema, playable videos, cached latents and embeddings, the teacher cache."""
+import json
+import os
+
+import torch
+from safetensors.torch import load_file
+
+import models
+from conftest import PROMPTS, TINY_SAMPLING, run
+
+
+def test_pairs_schema_videos_and_latents(pairs):
+    out, proc = pairs
+    rows = models.read_jsonl(os.path.join(out, "pairs.jsonl"))
+    assert [r["prompt"] for r in rows] == PROMPTS and len({r["id"] for r in rows}) == len(rows)
+    for r in rows:
+        assert set(r) == {"id", "prompt", "seed", "winner", "loser", "text_emb"}
+        assert r["winner"]["model"] == "teacher" and r["loser"]["model"] == "student"
+        for side in ("winner", "loser"):
+            video = models.read_video(os.path.join(out, r[side]["video"]))
+            assert video.shape == (4, 16, 16, 3)
+            assert load_file(os.path.join(out, r[side]["latents"]))["latents"].shape == (4, 4, 8, 8)  # (C, F, h, w): the tiny VAE halves
+        emb = load_file(os.path.join(out, r["text_emb"]))["text_emb"]
+        assert emb.shape == (16, 8)  # (L, D) of the tiny text encoder
+        w = load_file(os.path.join(out, r["winner"]["latents"]))["latents"]
+        l = load_file(os.path.join(out, r["loser"]["latents"]))["latents"]
+        assert not torch.allclose(w, l)  # the pruned student differs from the teacher
+    info = json.load(open(os.path.join(out, "pairs.args.json")))
+    assert info["teacher_videos_made"] == 4 and info["settings"]["steps"] == 3 and info["student_removed"]
+    assert "4 pairs" in proc.stdout
+
+
+def test_second_run_makes_no_teacher_video(pairs, vc2_dir, pruned, prompts_file, tmp_path):
+    out, _ = pairs
+    cache = os.path.join(out, "teacher_cache")
+    stamps = {f: os.stat(os.path.join(cache, f)).st_mtime_ns for f in os.listdir(cache)}
+    out2 = tmp_path / "again"
+    proc = run("make_pairs.py", "--model", "vc2", "--teacher", vc2_dir, "--student", pruned, "--prompts", prompts_file,
+               "--out-dir", out2, "--teacher-cache", cache, *TINY_SAMPLING)
+    assert "0 made, 4 reused" in proc.stdout
+    assert {f: os.stat(os.path.join(cache, f)).st_mtime_ns for f in os.listdir(cache)} == stamps
+    a = models.read_jsonl(os.path.join(out, "pairs.jsonl"))
+    b = models.read_jsonl(str(out2 / "pairs.jsonl"))
+    assert [r["seed"] for r in a] == [r["seed"] for r in b]  # seeds follow the prompt, not the run
+    for ra, rb in zip(a, b):  # the student's videos are regenerated and identical (same seed, same noise)
+        la = load_file(os.path.join(out, ra["loser"]["latents"]))["latents"]
+        lb = load_file(str(out2 / rb["loser"]["latents"]))["latents"]
+        assert torch.allclose(la, lb, atol=1e-5)
+
+
+def test_student_equal_to_teacher_gives_identical_pairs(vc2_dir, prompts_file, tmp_path):
+    """Same seed, same initial noise: with no --student the loser is the teacher's own video."""
+    run("make_pairs.py", "--model", "vc2", "--teacher", vc2_dir, "--prompts", prompts_file, "--out-dir", tmp_path,
+        "--eta", "1.0", *TINY_SAMPLING)
+    for r in models.read_jsonl(str(tmp_path / "pairs.jsonl")):
+        w = load_file(str(tmp_path / r["winner"]["latents"]))["latents"]
+        l = load_file(str(tmp_path / r["loser"]["latents"]))["latents"]
+        assert torch.allclose(w, l, atol=1e-5)
+
+
+def test_missing_prompt_file_is_a_one_line_error(vc2_dir, tmp_path):
+    proc = run("make_pairs.py", "--model", "vc2", "--teacher", vc2_dir, "--prompts", tmp_path / "none.txt",
+               "--out-dir", tmp_path / "o", check=False)
+    assert proc.returncode == 2 and "none.txt: no such file" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "o").exists()

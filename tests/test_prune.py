@@ -1,0 +1,87 @@
+"""prune.py: the paper's counts, shape-safe candidates, both importance criteria, budgets, errors."""
+import copy
+import json
+import re
+
+import pytest
+import torch
+
+import models
+import prune
+from conftest import TINY_SAMPLING, run
+
+
+def numbers(text):
+    return [int(x.replace(",", "")) for x in re.findall(r"\d[\d,]{6,}", text)]
+
+
+def test_architecture_only_vc2_counts():
+    out = run("prune.py", "--model", "vc2", "--architecture-only").stdout
+    assert "prunable parameters 1,413,284,420" in out
+    assert "1,411,233,860 in the diffusers UNet3DConditionModel + 2,050,560" in out
+    assert "0.902 B" in out and "reachable" in out and "NOT reachable" not in out
+    assert "transformer_in" in out and "mid_block.temp_attentions.0" in out
+
+
+def test_architecture_only_animatediff_counts():
+    out = run("prune.py", "--model", "animatediff", "--architecture-only").stdout
+    assert "prunable parameters 453,209,280" in out
+    assert "21 candidate layers" in out and out.count("motion_modules ") == 21
+    assert "0.147 B" in out and "NOT reachable" not in out
+
+
+def test_removing_every_candidate_keeps_shapes(vc2_dir, animatediff_dirs):
+    for fam_name, paths in (("vc2", (vc2_dir,)), ("animatediff", animatediff_dirs)):
+        teacher = models.load_teacher(models.get_family(fam_name), *paths)
+        fam = teacher.family
+        cands = prune.candidates(fam, teacher.unet)
+        assert cands and sum(n for _, n in cands) < models.count_params(fam, teacher.unet, paper=False) + 1
+        unet = models.remove_layers(copy.deepcopy(teacher.unet), [p for p, _ in cands])
+        assert prune.candidates(fam, unet) == []
+        x = torch.randn(2, 4, 4, 8, 8)
+        emb = models.encode_prompts(teacher, ["a", "b"])
+        with torch.no_grad():
+            assert models.predict_noise(fam, unet, x, torch.tensor([1, 2]), emb).shape == x.shape
+        if fam_name == "vc2":
+            kinds = {prune.kind_of(p) for p, _ in cands}
+            assert kinds == {"transformer_in", "attentions", "temp_attentions", "temp_convs", "resnets"}
+            assert not any(p.startswith("up_blocks") and ".resnets." in p for p, _ in cands)
+
+
+def test_select_removes_least_important_until_budget():
+    cands = [("a", 10), ("b", 20), ("c", 30), ("d", 40)]
+    table = {"a": 0.5, "b": -0.1, "c": 0.2, "d": 0.9}
+    assert prune.select(cands, table, 100, 75) == (["b", "c"], 50)
+    assert prune.select(cands, table, 100, 100) == ([], 100)
+
+
+def test_output_importance_prunes_to_target(pruned, vc2_dir):
+    meta = models.read_student_meta(pruned)
+    teacher = models.load_teacher(models.get_family("vc2"), vc2_dir)
+    full = models.count_params(teacher.family, teacher.unet)
+    assert int(meta["prunable_params"]) <= 0.8 * full and meta["removed"] and meta["round"] == "1"
+    table = json.loads(meta["importance"])
+    assert {r["layer"] for r in table if r["removed"]} == set(meta["removed"])
+    assert all(r["importance"] >= 0 for r in table)  # removing a layer never brings the teacher closer
+    kept = [r["importance"] for r in table if not r["removed"]]
+    assert max(r["importance"] for r in table if r["removed"]) <= max(kept)
+
+
+def test_reward_importance_prunes_further_from_a_student(pruned, vc2_dir, prompts_file, clip_dir, tmp_path):
+    out = tmp_path / "r2.safetensors"
+    proc = run("prune.py", "--model", "vc2", "--teacher", vc2_dir, "--student", pruned, "--prompts", prompts_file,
+               "--num-prompts", "2", "--importance", "reward", "--scorer", "clip", "--scorer-path", clip_dir,
+               "--target-ratio", "0.6", "--out", out, *TINY_SAMPLING)
+    meta, before = models.read_student_meta(str(out)), models.read_student_meta(pruned)
+    assert set(before["removed"]) < set(meta["removed"]) and meta["round"] == "2"
+    assert int(meta["prunable_params"]) <= 0.6 * int(meta["teacher_prunable_params"])
+    assert isinstance(json.loads(meta["base_reward"]), float) and "layers removed" in proc.stdout
+    assert json.loads(meta["args"])["importance"] == "reward"
+
+
+def test_bad_arguments_are_one_line_errors(vc2_dir, prompts_file, tmp_path):
+    for args in (["--target-ratio", "0.5", "--target-params", "10"], ["--target-ratio", "1.5"], []):
+        proc = run("prune.py", "--model", "vc2", "--teacher", vc2_dir, "--prompts", prompts_file, "--out",
+                   tmp_path / "o.safetensors", *args, check=False)
+        assert proc.returncode == 2 and proc.stderr.startswith("error: ") and "Traceback" not in proc.stderr
+    assert not (tmp_path / "o.safetensors").exists()
