@@ -335,11 +335,47 @@ def fingerprint(*modules):
     return h.hexdigest()[:16]
 
 
+def load_motion_adapter(path, heads=8, norm_groups=32):
+    """A MotionAdapter from a diffusers folder, or from an original AnimateDiff motion-module file
+    (.ckpt/.pth/.safetensors, e.g. mm_sd_v15_v2.ckpt) through diffusers' key converter. Widths and
+    layers per block are read from the tensors; heads and norm groups (not in any shape) default
+    to v1-5-2's. The sinusoidal position tables of the original file are rebuilt, not loaded."""
+    from diffusers import MotionAdapter
+    from diffusers.loaders.single_file_utils import convert_animatediff_checkpoint_to_diffusers
+
+    if os.path.isdir(path):
+        return MotionAdapter.from_pretrained(path)
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: motion adapter not found (a MotionAdapter folder or an AnimateDiff .ckpt)")
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        sd = load_file(path)
+    else:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+        sd = sd.get("state_dict", sd)
+    sd = convert_animatediff_checkpoint_to_diffusers(sd)
+    widths = [sd[f"down_blocks.{i}.motion_modules.0.norm.weight"].numel()
+              for i in range(8) if f"down_blocks.{i}.motion_modules.0.norm.weight" in sd]
+    if not widths:
+        raise UserError(f"{path}: no 'down_blocks.N.motion_modules.0.*' tensors: not an AnimateDiff motion module")
+    layers = len({k.split(".")[3] for k in sd if k.startswith("down_blocks.0.motion_modules.")})
+    mid = any(k.startswith("mid_block.") for k in sd)
+    adapter = MotionAdapter(block_out_channels=tuple(widths), motion_layers_per_block=layers,
+                            motion_mid_block_layers_per_block=1, motion_num_attention_heads=heads,
+                            motion_norm_num_groups=norm_groups, motion_max_seq_length=32, use_motion_mid_block=mid)
+    missing, unexpected = adapter.load_state_dict(sd, strict=False)
+    missing = [k for k in missing if "pos_embed" not in k]
+    if missing or unexpected:
+        raise UserError(f"{path}: does not fit a MotionAdapter of widths {widths} "
+                        f"(first missing: {missing[:1]}, first unexpected: {unexpected[:1]})")
+    return adapter
+
+
 def load_teacher(family, path, motion_adapter="", device="cpu"):
     """The frozen teacher M_0 from local folders (vc2/toy: one diffusers folder in the layout that
     TextToVideoSDPipeline saves; animatediff: an SD-1.5 folder plus a MotionAdapter folder)."""
-    from diffusers import (AutoencoderKL, DDIMScheduler, MotionAdapter, UNet2DConditionModel,
-                           UNet3DConditionModel, UNetMotionModel)
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel, UNet3DConditionModel, UNetMotionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
     path = path or family.default_teacher
@@ -354,11 +390,11 @@ def load_teacher(family, path, motion_adapter="", device="cpu"):
     tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer")
     scheduler = DDIMScheduler.from_pretrained(path, subfolder="scheduler")
     if family.name == "animatediff":
-        if not motion_adapter or not os.path.isdir(motion_adapter):
-            raise UserError(f"--motion-adapter must be a MotionAdapter folder for --model animatediff "
-                            f"(got '{motion_adapter}')")
+        if not motion_adapter:
+            raise UserError("--motion-adapter is required for --model animatediff (a MotionAdapter folder "
+                            "or an original AnimateDiff motion-module .ckpt)")
         unet = UNetMotionModel.from_unet2d(UNet2DConditionModel.from_pretrained(path, subfolder="unet"),
-                                           MotionAdapter.from_pretrained(motion_adapter))
+                                           load_motion_adapter(motion_adapter))
         # AnimateDiff samples with a linear-beta DDIM (its published inference settings).
         scheduler = DDIMScheduler.from_config(scheduler.config, beta_schedule="linear", clip_sample=False,
                                               timestep_spacing="linspace", steps_offset=1)
