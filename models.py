@@ -633,18 +633,23 @@ def read_student_meta(path):
     return meta
 
 
+def check_student(path, meta, teacher):
+    """Refuse a checkpoint made from another family or another teacher, naming both."""
+    if meta["family"] != teacher.family.name or meta["teacher_fingerprint"] != teacher.fingerprint:
+        raise UserError(
+            f"{path}: made from teacher {meta['teacher']} (family {meta['family']}, fingerprint "
+            f"{meta['teacher_fingerprint']}), but the loaded teacher is {teacher.path} (family {teacher.family.name}, "
+            f"fingerprint {teacher.fingerprint})")
+    return meta
+
+
 def load_student(path, teacher):
     """Rebuild a student: the teacher's architecture, removed layers as identities, strict load.
     Refuses a checkpoint made from another family or another teacher, naming both."""
     from safetensors.torch import load_file
 
-    meta = read_student_meta(path)
+    meta = check_student(path, read_student_meta(path), teacher)
     fam = teacher.family
-    if meta["family"] != fam.name or meta["teacher_fingerprint"] != teacher.fingerprint:
-        raise UserError(
-            f"{path}: made from teacher {meta['teacher']} (family {meta['family']}, fingerprint "
-            f"{meta['teacher_fingerprint']}), but the loaded teacher is {teacher.path} (family {fam.name}, "
-            f"fingerprint {teacher.fingerprint})")
     unet = remove_layers(copy.deepcopy(teacher.unet), meta["removed"])
     sd = load_file(path)
     expected = set(trainable_keys(fam, unet))

@@ -138,8 +138,8 @@ def round_rows(work, round_names):
         if entry is None:
             continue
         pairs_dir = os.path.join(work, name, "pairs")
-        rows.append({"round": name, "model": label, "params": entry.get("prunable_params"),
-                     "flops": entry.get("flops"),
+        rows.append({"round": name, "model": label, "params": entry["params"]["prunable"],
+                     "flops": (entry["flops"] or {}).get("unet_forward"),
                      **{d: entry["scores"][d]["mean"] for d in (*models.DIMS, "average")},
                      "pairs_made": count_lines(os.path.join(pairs_dir, "pairs.jsonl")) if label == "student" else None,
                      "pairs_kept": count_lines(os.path.join(pairs_dir, "filtered.jsonl")) if label == "student" else None})
@@ -230,6 +230,7 @@ def main(args):
                   "--seed", args.seed], log("make_pairs"), args.nproc)
         run_step("filter pairs", kept,
                  ["filter_pairs.py", "--job", "filter", "--pairs", pairs, "--report", report, "--out", kept, *scorer,
+                  "--score-cache", os.path.join(work, "score_cache.jsonl"),
                   "--tau", args.tau, "--device", args.device], log("filter"), args.nproc)
         if not os.path.exists(student):
             if count_lines(kept) == 0:  # nothing to learn from: the round keeps the pruned student

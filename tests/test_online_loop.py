@@ -1,0 +1,98 @@
+"""online_loop.py: the whole chain for 2 rounds on tiny models, resuming, the schedule, and errors."""
+import json
+import os
+import shutil
+
+import pytest
+
+import models
+import online_loop
+from conftest import run
+
+TOY_PROMPTS = ["a red square moving left quickly", "a blue circle moving up slowly",
+               "a green triangle moving right quickly", "a yellow square moving down slowly",
+               "a red circle moving down quickly", "a blue triangle moving left slowly"]
+
+
+def loop_args(model, teacher_args, work, prompts):
+    # the toy judge scores any video against toy prompts; 3 DDIM steps of 4 frames at 16x16
+    return ["--model", model, *teacher_args, "--work-dir", work, "--prompt-pool", prompts, "--probe-prompts", prompts,
+            "--eval-prompts", prompts, "--rounds", "2", "--final-ratio", "0.6", "--train-steps", "2",
+            "--train-batch-size", "2", "--num-probe", "2", "--steps", "3", "--frames", "4", "--height", "16",
+            "--width", "16", "--probe-steps", "2", "--tau", "-1", "--lr", "1e-3"]
+
+
+@pytest.fixture(scope="module")
+def toy_prompts(tmp_path_factory):
+    path = tmp_path_factory.mktemp("loop") / "prompts.txt"
+    path.write_text("\n".join(TOY_PROMPTS) + "\n")
+    return str(path)
+
+
+def test_two_rounds_on_tiny_vc2_and_resume(vc2_dir, toy_prompts, tmp_path):
+    work = str(tmp_path / "work")
+    args = loop_args("vc2", ["--teacher", vc2_dir], work, toy_prompts)
+    out = run("online_loop.py", *args).stdout
+    assert "| round-0 | teacher |" in out and "| round-2 | student |" in out
+    rows = models.read_json(os.path.join(work, "results.json"))["rows"]
+    students = [r for r in rows if r["model"] == "student"]
+    teacher = next(r for r in rows if r["model"] == "teacher")
+    assert [r["round"] for r in students] == ["round-1", "round-2"]
+    assert teacher["params"] > students[0]["params"] > students[1]["params"]  # shrinks each round
+    assert students[1]["params"] <= 0.6 * teacher["params"] and students[1]["flops"] < teacher["flops"]
+    assert all(r["pairs_made"] == len(TOY_PROMPTS) and 0 <= r["pairs_kept"] <= r["pairs_made"] for r in students)
+    for k in (1, 2):  # every step's file is there and has its schema
+        rd = os.path.join(work, f"round-{k}")
+        meta = models.read_student_meta(os.path.join(rd, "student.safetensors"))
+        assert meta["round"] == str(k) and meta["stage"] in ("redpo", "prune")
+        assert models.read_student_meta(os.path.join(rd, "pruned.safetensors"))["stage"] == "prune"
+        models.read_jsonl(os.path.join(rd, "pairs", "pairs.jsonl"), required=("winner.latents", "loser.video"))
+        models.read_jsonl(os.path.join(rd, "pairs", "filtered.jsonl"), required=("scores.winner", "S.loser", "targets"))
+        assert models.read_prompts(os.path.join(rd, "prompts.txt"))
+        assert {m["label"] for m in models.read_json(os.path.join(rd, "eval", "report.json"))["models"]} == {"pruned", "student"}
+    # round 2 prunes round 1's trained student: its removed layers include round 1's
+    r1 = models.read_student_meta(os.path.join(work, "round-1", "pruned.safetensors"))["removed"]
+    assert set(r1) < set(models.read_student_meta(os.path.join(work, "round-2", "pruned.safetensors"))["removed"])
+    teacher_cache = sorted(os.listdir(os.path.join(work, "teacher_cache")))
+
+    # interrupted mid-round 2: its pairs and later files are gone; a rerun redoes only those
+    stamps = {f: os.stat(os.path.join(work, "round-1", f)).st_mtime_ns for f in ("pruned.safetensors", "student.safetensors")}
+    for part in ("pairs", "eval"):
+        shutil.rmtree(os.path.join(work, "round-2", part))
+    os.remove(os.path.join(work, "round-2", "student.safetensors"))
+    os.remove(os.path.join(work, "results.json"))
+    out = run("online_loop.py", *args).stdout
+    for step in ("evaluate teacher", "prune", "probe evaluation", "curate prompts"):
+        assert f"[skip] {step}" in out
+    assert out.count("[run ] make pairs") == 1 and out.count("[run ] redpo") == 1 and out.count("[run ] evaluate:") == 1
+    assert {f: os.stat(os.path.join(work, "round-1", f)).st_mtime_ns for f in stamps} == stamps
+    assert sorted(os.listdir(os.path.join(work, "teacher_cache"))) == teacher_cache  # nothing new for the teacher
+    assert os.path.exists(os.path.join(work, "results.json"))
+
+    proc = run("online_loop.py", *args[:-2], "--lr", "5e-4", check=False)  # other arguments, same work dir
+    assert proc.returncode == 2 and "--lr=" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_one_shot_and_animatediff(animatediff_dirs, toy_prompts, tmp_path):
+    work = str(tmp_path / "work")
+    sd, adapter = animatediff_dirs
+    out = run("online_loop.py", *loop_args("animatediff", ["--teacher", sd, "--motion-adapter", adapter], work,
+                                           toy_prompts), "--no-online", "--loss", "sft", "--importance", "output").stdout
+    assert "| oneshot | student |" in out and "round-1" not in out
+    rows = models.read_json(os.path.join(work, "results.json"))["rows"]
+    assert rows[-1]["params"] <= 0.6 * rows[0]["params"]
+    log = [json.loads(ln) for ln in open(os.path.join(work, "oneshot", "student.log.jsonl"))]
+    assert len(log) == 4  # one-shot trains with every round's steps: 2 rounds x 2
+    assert json.loads(models.read_student_meta(os.path.join(work, "oneshot", "student.safetensors"))["args"])["loss"] == "sft"
+
+
+def test_budgets_reach_the_final_ratio():
+    for schedule in ("linear", "geometric"):
+        b = online_loop.budgets(3, 0.325, schedule)
+        assert len(b) == 3 and b[-1] == pytest.approx(0.325) and b[0] > b[1] > b[2]
+    assert online_loop.budgets(2, 0.6, "linear") == pytest.approx([0.8, 0.6])
+
+
+def test_missing_prompts_for_a_real_family_is_a_one_line_error(tmp_path):
+    proc = run("online_loop.py", "--model", "vc2", "--work-dir", tmp_path / "w", check=False)
+    assert proc.returncode == 2 and "--prompt-pool is required" in proc.stderr and not (tmp_path / "w").exists()
