@@ -99,6 +99,8 @@ def get_parser():
     p.add_argument("--score", default="targets", choices=["targets", "avg"],
                    help="filter: S = the mean over the targets or over all four dimensions")
     p.add_argument("--tau", type=float, default=0.0, help="filter: the floor tau_p in S(w) > S(l) > tau_p")
+    p.add_argument("--keep-all", action="store_true",
+                   help="filter, ablation: score and annotate every pair but drop none (reasons still counted)")
     p.add_argument("--batch-size", type=int, default=8, help="videos per scorer call / prompts per LLM forward")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     return p
@@ -437,7 +439,7 @@ def filter_job(args):
         S = {side: rewards.mean_score(s[side], dims) for side in ("winner", "loser")}  # S(v) over `dims`
         kept, reason = keep_pair(S["winner"], S["loser"], args.tau)  # S(v_w) > S(v_l) > tau_p
         decisions.append({"id": row["id"], "reason": reason, "S": S})
-        if kept:
+        if kept or args.keep_all:
             out.append({**relocate(row, src, dst), "scores": s, "S": S, "targets": targets})
     reasons = {r: sum(x["reason"] == r for x in decisions) for r in ("kept", "winner_not_better", "loser_below_tau")}
     models.write_jsonl(args.out, out)
@@ -453,7 +455,8 @@ def filter_job(args):
           f"{reasons['winner_not_better']}, loser_below_tau {reasons['loser_below_tau']}); "
           f"targets {', '.join(targets)}; "
           f"S = mean over {'the targets' if args.score == 'targets' else 'all four'}, tau {args.tau}; "
-          f"videos scored {counts['scored']}, cached {counts['cached']}; wrote {args.out}")
+          f"videos scored {counts['scored']}, cached {counts['cached']}; "
+          f"{f'--keep-all: wrote all {len(out)} to ' if args.keep_all else 'wrote '}{args.out}")
     if not out:
         print(f"warning: no pair kept; {args.out} is empty (redpo.py will refuse it)", file=sys.stderr)
     models.dist_cleanup()

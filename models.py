@@ -326,6 +326,7 @@ def fingerprint(*modules):
     h = hashlib.sha256()
     for m in modules:
         config = m.config.to_dict() if hasattr(m.config, "to_dict") else dict(m.config)
+        config = {k: v for k, v in config.items() if not k.startswith("_")}  # private keys vary run to run
         h.update(json.dumps(config, sort_keys=True, default=str).encode())
         for name, t in m.state_dict().items():
             flat = t.detach().reshape(-1)

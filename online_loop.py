@@ -67,6 +67,7 @@ def get_parser():
     p.add_argument("--scorer", default="toy", choices=["clip", "toy"], help="reward model (rewards.py)")
     p.add_argument("--scorer-path", default="", help="scorer weights (clip: ARCH:FILE or an open_clip folder)")
     p.add_argument("--tau", type=float, default=0.0, help="pair filter floor tau_p: keep S(w) > S(l) > tau")
+    p.add_argument("--no-filter", action="store_true", help="ablation: train on every pair (scored, none dropped)")
     models.add_sampling_args(p)
     p.add_argument("--probe-steps", type=int, default=10, help="DDIM steps of pruning's probe videos")
     p.add_argument("--nproc", type=int, default=1, help="processes per heavy stage (torchrun) ")
@@ -96,9 +97,10 @@ def run_step(name, marker, argv, log_path, nproc=1):
     print(f"[run ] {name}: {' '.join(argv[:1] + [str(a) for a in argv[1:]])}", flush=True)
     t0 = time.time()
     with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=HERE,
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=HERE,
                                 env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        for line in proc.stdout:
+        for raw in proc.stdout:  # bytes split on "\n" only: a progress bar's "\r" updates stay one line
+            line = raw.decode(errors="replace")
             log.write(line)
             sys.stdout.write("       " + line.split("\r")[-1])  # a progress bar shows its final state
         code = proc.wait()
@@ -230,7 +232,7 @@ def main(args):
                   "--seed", args.seed], log("make_pairs"), args.nproc)
         run_step("filter pairs", kept,
                  ["filter_pairs.py", "--job", "filter", "--pairs", pairs, "--report", report, "--out", kept, *scorer,
-                  "--score-cache", os.path.join(work, "score_cache.jsonl"),
+                  "--score-cache", os.path.join(work, "score_cache.jsonl"), *(["--keep-all"] if args.no_filter else []),
                   "--tau", args.tau, "--device", args.device], log("filter"), args.nproc)
         if not os.path.exists(student):
             if count_lines(kept) == 0:  # nothing to learn from: the round keeps the pruned student

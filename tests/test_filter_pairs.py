@@ -281,6 +281,10 @@ def test_filter_rule_reasons_and_output_schema(hand_pairs, tmp_path, capsys):
                                                                           "loser_below_tau": 2}
     assert "warning: no pair kept" in capsys.readouterr().err
 
+    rows, summary = filtered("--targets", "all", "--tau", "5", "--keep-all")  # ablation: the same verdicts, none dropped
+    assert [r["id"] for r in rows] == ["000000", "000001", "000002", "000003"] and all("S" in r for r in rows)
+    assert summary["counts"]["kept"] == 0 and summary["args"]["keep_all"] is True
+
 
 def test_filter_scores_once_and_reruns_score_nothing(hand_pairs, tmp_path, capsys):
     pairs, _ = hand_pairs

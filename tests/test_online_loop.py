@@ -10,16 +10,16 @@ import online_loop
 from conftest import run
 
 TOY_PROMPTS = ["a red square moving left quickly", "a blue circle moving up slowly",
-               "a green triangle moving right quickly", "a yellow square moving down slowly",
-               "a red circle moving down quickly", "a blue triangle moving left slowly"]
+               "a green triangle moving right quickly", "a yellow square moving down slowly"]
 
 
 def loop_args(model, teacher_args, work, prompts):
-    # the toy judge scores any video against toy prompts; 3 DDIM steps of 4 frames at 16x16
+    # the toy judge scores any video against toy prompts; 3 DDIM steps of 4 frames at 16x16; random tiny
+    # models make random winners, so --no-filter keeps every pair and every round trains
     return ["--model", model, *teacher_args, "--work-dir", work, "--prompt-pool", prompts, "--probe-prompts", prompts,
             "--eval-prompts", prompts, "--rounds", "2", "--final-ratio", "0.6", "--train-steps", "2",
             "--train-batch-size", "2", "--num-probe", "2", "--steps", "3", "--frames", "4", "--height", "16",
-            "--width", "16", "--probe-steps", "2", "--tau", "-1", "--lr", "1e-3"]
+            "--width", "16", "--probe-steps", "2", "--importance", "output", "--no-filter", "--lr", "1e-3"]
 
 
 @pytest.fixture(scope="module")
@@ -40,11 +40,11 @@ def test_two_rounds_on_tiny_vc2_and_resume(vc2_dir, toy_prompts, tmp_path):
     assert [r["round"] for r in students] == ["round-1", "round-2"]
     assert teacher["params"] > students[0]["params"] > students[1]["params"]  # shrinks each round
     assert students[1]["params"] <= 0.6 * teacher["params"] and students[1]["flops"] < teacher["flops"]
-    assert all(r["pairs_made"] == len(TOY_PROMPTS) and 0 <= r["pairs_kept"] <= r["pairs_made"] for r in students)
+    assert all(r["pairs_made"] == r["pairs_kept"] == len(TOY_PROMPTS) for r in students)  # --no-filter
     for k in (1, 2):  # every step's file is there and has its schema
         rd = os.path.join(work, f"round-{k}")
         meta = models.read_student_meta(os.path.join(rd, "student.safetensors"))
-        assert meta["round"] == str(k) and meta["stage"] in ("redpo", "prune")
+        assert meta["round"] == str(k) and meta["stage"] == "redpo"
         assert models.read_student_meta(os.path.join(rd, "pruned.safetensors"))["stage"] == "prune"
         models.read_jsonl(os.path.join(rd, "pairs", "pairs.jsonl"), required=("winner.latents", "loser.video"))
         models.read_jsonl(os.path.join(rd, "pairs", "filtered.jsonl"), required=("scores.winner", "S.loser", "targets"))
@@ -77,7 +77,7 @@ def test_one_shot_and_animatediff(animatediff_dirs, toy_prompts, tmp_path):
     work = str(tmp_path / "work")
     sd, adapter = animatediff_dirs
     out = run("online_loop.py", *loop_args("animatediff", ["--teacher", sd, "--motion-adapter", adapter], work,
-                                           toy_prompts), "--no-online", "--loss", "sft", "--importance", "output").stdout
+                                           toy_prompts), "--no-online", "--loss", "sft").stdout
     assert "| oneshot | student |" in out and "round-1" not in out
     rows = models.read_json(os.path.join(work, "results.json"))["rows"]
     assert rows[-1]["params"] <= 0.6 * rows[0]["params"]

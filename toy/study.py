@@ -12,8 +12,6 @@ toy/RESULTS.md: mean and 95 % interval over seeds per dimension and average, par
 """
 import argparse
 import datetime
-import json
-import math
 import os
 import platform
 import shutil
@@ -26,6 +24,7 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 
 import models  # noqa: E402
+import rewards  # noqa: E402
 
 VARIANTS = {  # name: online_loop.py flags
     "V.I.P. (online ReDPO)": ["--loss", "redpo"],
@@ -64,13 +63,9 @@ def share_first_round(src, dst):
 
 
 def interval(values):
-    values = [v for v in values if v is not None]
-    n = len(values)
-    if n == 0:
-        return None, None
-    mean = sum(values) / n
-    half = 1.96 * math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) / math.sqrt(n) if n > 1 else 0.0
-    return mean, half
+    """(mean, half-width of the 95 % interval) over seeds, with rewards.interval."""
+    iv = rewards.interval([v for v in values if v is not None])
+    return iv["mean"], None if iv["mean"] is None else iv["ci95"][1] - iv["mean"]
 
 
 def model_entry(report_path, label):
