@@ -45,7 +45,7 @@ def test_second_run_makes_no_teacher_video(pairs, vc2_dir, pruned, prompts_file,
     for ra, rb in zip(a, b):  # the student's videos are regenerated and identical (same seed, same noise)
         la = load_file(os.path.join(out, ra["loser"]["latents"]))["latents"]
         lb = load_file(str(out2 / rb["loser"]["latents"]))["latents"]
-        assert torch.allclose(la, lb, atol=1e-5)
+        assert torch.allclose(la, lb, rtol=1e-4, atol=1e-4)  # batches of 3 vs 8: float rounding
 
 
 def test_student_equal_to_teacher_gives_identical_pairs(vc2_dir, prompts_file, tmp_path):
@@ -55,7 +55,7 @@ def test_student_equal_to_teacher_gives_identical_pairs(vc2_dir, prompts_file, t
     for r in models.read_jsonl(str(tmp_path / "pairs.jsonl")):
         w = load_file(str(tmp_path / r["winner"]["latents"]))["latents"]
         l = load_file(str(tmp_path / r["loser"]["latents"]))["latents"]
-        assert torch.allclose(w, l, atol=1e-5)
+        assert torch.allclose(w, l, rtol=1e-4, atol=1e-4)
 
 
 def test_missing_prompt_file_is_a_one_line_error(vc2_dir, tmp_path):

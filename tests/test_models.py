@@ -128,10 +128,10 @@ def test_same_seed_same_initial_noise_and_cfg_batched(vc2_dir):
     s = {"steps": 3, "cfg": 5.0, "eta": 1.0, "x0_rescale": True, "frames": 4, "height": 16, "width": 16}
     a, va = models.generate(teacher, teacher.unet, cond, uncond, [7, 8], s)
     b, _ = models.generate(teacher, teacher.unet, cond[1:], uncond, [8], s)
-    assert torch.allclose(a[1:], b, atol=1e-5)  # one sample does not depend on its batch-mates
+    assert torch.allclose(a[1:], b, rtol=1e-4, atol=1e-4)  # one sample does not depend on its batch-mates
     assert va.shape == (2, 4, 16, 16, 3) and va.dtype == np.uint8
     c, _ = models.generate(teacher, teacher.unet, cond, uncond, [7, 9], s)
-    assert torch.allclose(a[0], c[0], atol=1e-5) and not torch.allclose(a[1], c[1])
+    assert torch.allclose(a[0], c[0], rtol=1e-4, atol=1e-4) and not torch.allclose(a[1], c[1])
 
 
 def test_x0_scale_schedule():

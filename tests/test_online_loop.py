@@ -96,3 +96,20 @@ def test_budgets_reach_the_final_ratio():
 def test_missing_prompts_for_a_real_family_is_a_one_line_error(tmp_path):
     proc = run("online_loop.py", "--model", "vc2", "--work-dir", tmp_path / "w", check=False)
     assert proc.returncode == 2 and "--prompt-pool is required" in proc.stderr and not (tmp_path / "w").exists()
+
+
+def test_the_embedded_toy_loop_with_reduced_settings(tmp_path):
+    """`python online_loop.py` on the shipped toy teacher, with its own prompt files and the toy judge."""
+    from toy import world
+
+    evalp = tmp_path / "eval.txt"
+    evalp.write_text("\n".join(world.eval_prompts()[:3]) + "\n")
+    out = run("online_loop.py", "--work-dir", tmp_path / "work", "--eval-prompts", evalp, "--train-steps", "2",
+              "--steps", "4", "--probe-steps", "2", "--num-probe", "2", "--max-pair-prompts", "4",
+              "--no-filter").stdout
+    assert "V.I.P. finished" in out and "| round-2 | student |" in out
+    rows = models.read_json(str(tmp_path / "work" / "results.json"))["rows"]
+    assert [r["model"] for r in rows] == ["teacher", "pruned", "student", "pruned", "student"]
+    assert rows[-1]["params"] <= models.get_family("toy").final_ratio * rows[0]["params"]
+    assert all(0 <= r[d] <= 1 for r in rows for d in models.DIMS)
+    assert rows[2]["pairs_made"] == 4
