@@ -250,7 +250,7 @@ FAMILIES = {
                   x0_scale_b=0.7, fps_folded=True, pad_id=0, unet_config=VC2_UNET_CONFIG),
     "animatediff": Family("animatediff", 512, 512, 16, 25, 7.5, 0.0, 8, 1e-5, 3, 0.147e9 / 453_209_280,
                           unet_config=SD15_UNET_CONFIG),
-    "toy": Family("toy", 32, 32, 8, 25, 6.0, 0.0, 8, 1e-4, 2, 0.6, latent_factor=4,
+    "toy": Family("toy", 32, 32, 8, 10, 6.0, 0.0, 8, 1e-4, 2, 0.6, latent_factor=4,
                   default_teacher=os.path.join(HERE, "toy", "teacher")),
 }
 

@@ -62,14 +62,15 @@ def get_parser():
     p.add_argument("--prompt-pool", default="", help="prompts to curate pairs from (toy: its train prompts)")
     p.add_argument("--probe-prompts", default="", help="prompts for importance and targets (toy: built in)")
     p.add_argument("--eval-prompts", default="", help="held-out prompts for evaluation (toy: built in)")
-    p.add_argument("--max-pair-prompts", type=int, default=0, help="curated prompts used per round (0 = all)")
+    p.add_argument("--max-pair-prompts", type=int, default=-1,
+                   help="curated prompts made into pairs per round (0 = all; -1 = toy 24, other families all)")
     p.add_argument("--num-probe", type=int, default=4, help="probe prompts used for pruning importance")
     p.add_argument("--scorer", default="toy", choices=["clip", "toy"], help="reward model (rewards.py)")
     p.add_argument("--scorer-path", default="", help="scorer weights (clip: ARCH:FILE or an open_clip folder)")
     p.add_argument("--tau", type=float, default=0.0, help="pair filter floor tau_p: keep S(w) > S(l) > tau")
     p.add_argument("--no-filter", action="store_true", help="ablation: train on every pair (scored, none dropped)")
     models.add_sampling_args(p)
-    p.add_argument("--probe-steps", type=int, default=10, help="DDIM steps of pruning's probe videos")
+    p.add_argument("--probe-steps", type=int, default=5, help="DDIM steps of pruning's probe videos")
     p.add_argument("--nproc", type=int, default=1, help="processes per heavy stage (torchrun) ")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
@@ -167,6 +168,7 @@ def main(args):
     if not 0 < final < 1:
         raise models.UserError(f"--final-ratio must be in (0, 1), got {final}")
     toy = args.model == "toy"
+    max_pairs = args.max_pair_prompts if args.max_pair_prompts >= 0 else (24 if toy else 0)  # toy: minutes on a CPU
     pool = args.prompt_pool or (TOY_PROMPTS["pool"] if toy else "")
     probe = args.probe_prompts or (TOY_PROMPTS["probe"] if toy else "")
     evalp = args.eval_prompts or (TOY_PROMPTS["eval"] if toy else "")
@@ -225,7 +227,7 @@ def main(args):
         curated = os.path.join(rd, "prompts.txt")
         run_step("curate prompts", curated,
                  ["filter_pairs.py", "--job", "curate", "--prompts", pool, "--report", report, "--out", curated,
-                  "--max-prompts", args.max_pair_prompts], log("curate"))
+                  "--max-prompts", max_pairs], log("curate"))
         run_step("make pairs", pairs,
                  ["make_pairs.py", *base, "--student", pruned, "--prompts", curated, "--out-dir",
                   os.path.join(rd, "pairs"), "--teacher-cache", os.path.join(work, "teacher_cache"), *sampling,
