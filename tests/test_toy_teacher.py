@@ -11,7 +11,7 @@ from toy import train_teacher as tt
 from toy import world
 
 SHIPPED = models.get_family("toy").default_teacher
-JUDGE_FLOOR = 0.45  # the shipped teacher's judge average on one 10-step clip (measured: see the report)
+JUDGE_FLOOR = 0.45  # judge average of the shipped teacher on one 10-step clip: 0.77 measured (0.50-0.93 over 18)
 
 
 def folder_mb(path):
