@@ -36,7 +36,7 @@ import torch
 import models
 import rewards
 
-SHORT = {"visual_quality": "VQ", "temporal_consistency": "TC", "dynamic_degree": "DD", "text_alignment": "TA"}
+SHORT = models.DIM_SHORT
 
 
 def get_parser():

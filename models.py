@@ -26,6 +26,7 @@ import torch.nn as nn
 HERE = os.path.dirname(os.path.abspath(__file__))
 STUDENT_FORMAT = "vip-student/1"
 DIMS = ("visual_quality", "temporal_consistency", "dynamic_degree", "text_alignment")
+DIM_SHORT = {"visual_quality": "VQ", "temporal_consistency": "TC", "dynamic_degree": "DD", "text_alignment": "TA"}
 
 
 # ----------------------------------------------------------------------------- 1. errors, CLI

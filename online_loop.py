@@ -36,7 +36,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 TOY_PROMPTS = {"pool": os.path.join(HERE, "toy", "prompts", "train.txt"),
                "probe": os.path.join(HERE, "toy", "prompts", "probe.txt"),
                "eval": os.path.join(HERE, "toy", "prompts", "eval.txt")}
-DIM_SHORT = {"visual_quality": "VQ", "temporal_consistency": "TC", "dynamic_degree": "DD", "text_alignment": "TA"}
+DIM_SHORT = models.DIM_SHORT
 
 
 def get_parser():
