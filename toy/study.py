@@ -98,7 +98,7 @@ def main(args):
                     model_entry(os.path.join(work, "oneshot", "eval", "report.json"), "pruned"))
     order = ["teacher", "pruned, before training", "pruned + SFT (online)", "pruned + DPO, no SFT term (online)",
              "pruned + ReDPO one-shot (--no-online)", "V.I.P. (online ReDPO)"]
-    head = ("| model | params | latency/video (s) | VQ | TC | DD | TA | avg |\n"
+    head = ("| model | params (seed 0) | latency/video (s) | VQ | TC | DD | TA | avg |\n"
             "|---|---|---|---|---|---|---|---|")
     lines = [head]
     summary = {}
@@ -116,7 +116,8 @@ def main(args):
     cmd = "python toy/study.py " + " ".join(sys.argv[1:])
     text = (f"# The toy study\n\nMade by `{cmd.strip()}` on {datetime.date.today()} "
             f"({platform.machine()}, {os.cpu_count()} CPU cores, torch {__import__('torch').__version__}), "
-            f"{len(args.seeds)} seeds ({', '.join(map(str, args.seeds))}), {time.time() - t0:.0f} s in all.\n"
+            f"{len(args.seeds)} seeds ({', '.join(map(str, args.seeds))}), {time.time() - t0:.0f} s in this invocation "
+            f"(runs already complete in --work-dir are reused, not redone).\n"
             f"Scores: the toy judge on the held-out eval prompts (each in [0, 1]); mean ± 95 % interval over seeds "
             f"(1.96 standard errors).\n\n{table}\n")
     with models.atomic_path(args.out) as tmp, open(tmp, "w") as f:
