@@ -15,7 +15,7 @@ toy judge's four dimensions and color/shape/direction/speed accuracies.
 
     python toy/train_teacher.py --minutes 55 --threads 1   # the shipped teacher (~75 min on a CPU)
     python toy/train_teacher.py --eval --threads 1         # judge it against an untrained UNet
-    python toy/train_teacher.py --out /tmp/t --steps 5 --vae-steps 2 --clips 16   # smoke test, seconds
+    python toy/train_teacher.py --out runs/toy-smoke --steps 5 --vae-steps 2 --clips 16   # smoke test, seconds
     python toy/train_teacher.py --device cuda --minutes 10 # on a GPU (not the shipped recipe)
 
 On a CPU that other jobs share, one thread is faster than two (measured: 1.0 vs 1.8 s per UNet step).
