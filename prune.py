@@ -197,7 +197,8 @@ def architecture_report(family, config_dir, rounds):
     current, rounds = total, rounds or family.rounds
     for k in range(1, rounds + 1):
         target = round(total * (1 - (1 - family.final_ratio) * k / rounds))
-        left = [(p, n) for p, n in cands if p in final_set and p not in models.removed_layers(unet)]
+        gone = set(models.removed_layers(unet))  # one scan of the modules, not one per candidate
+        left = [(p, n) for p, n in cands if p in final_set and p not in gone]
         chosen = [p for p, _ in left] if k == rounds else largest_first(left, current, target * 0.995)[0]
         current -= sum(n for p, n in left if p in chosen)
         models.remove_layers(unet, chosen)
