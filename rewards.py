@@ -2,17 +2,34 @@
 
 The paper's reward is VideoScore (TIGER-Lab): a Mantis-Idefics2-8B regression model that rates a
 video on visual quality (VQ), temporal consistency (TC), dynamic degree (DD) and text alignment (TA)
-on a 1-4 scale. The scorers here are cheap, local PROXIES of those four dimensions, not VideoScore:
-their numbers are on their own scales and are not comparable with the paper's table.
+on a nominal 1-4 scale. `videoscore` runs the released weights; `clip` and `toy` are cheap, local
+PROXIES of the same four dimensions, on their own scales, not comparable with the paper's table.
 
 Interface (every scorer):
     scorer = get_scorer(name, path, device)       # name in SCORERS
-    rows = scorer.score(videos, prompts)          # one {dim: float} per video, exactly DIMS
+    rows = scorer.score(videos, prompts)          # one {dim: float} per video: DIMS (+ EXTRA_DIMS, videoscore)
     scorer.name, scorer.fingerprint               # the fingerprint keys score caches
 `videos` is uint8 (N, F, H, W, 3) or a list of (F, H, W, 3) arrays of possibly different sizes;
 `prompts` holds one prompt per video. `aggregate(rows)` gives means with 95 % intervals.
 
 Scorers:
+  videoscore  VideoScore from its released folder, local files only (`path` = the folder of
+        TIGER-Lab/VideoScore or TIGER-Lab/VideoScore-v1.1: config.json, sharded safetensors + index,
+        processor and tokenizer files). Built from transformers classes (no `mantis` package):
+        Idefics2Model + `score` = Linear(text hidden, 5) on the hidden state of the last real token,
+        loaded strictly (every tensor used, none missing); bf16 on GPU, fp32 on CPU. As the repository's
+        examples/run_videoscore.py: the query is VIDEOSCORE_QUERY with the prompt, then "<image> " per
+        frame (no chat template; the processor adds BOS and expands each image into its tokens);
+        frames: all up to 16 (48 for v1.1, recognised by "v1.1" in the folder's name), else
+        np.arange(0, F, F / max) of them; images resized without splitting (shortest edge 378, longest
+        980, from the folder's preprocessor_config.json). Raw regression outputs (no clipping) for VQ,
+        TC, DD, TA and factual consistency, the last as "factual_consistency" (EXTRA_DIMS: reported by
+        `aggregate`, never in DIMS or the average). Where transformers 5 differs from the 4.x Mantis
+        code VideoScore was trained with, this follows the training: the perceiver's RMSNorm eps is the
+        text model's (5.x reads its own, default 1e-6); tokenizer.json is used as saved (5.x's
+        LlamaTokenizer rebuilds its normalizer and splits the spaces between image tokens differently);
+        images are resized with PIL. Pooling reads each sequence's last real token from the attention
+        mask (right padding; 5.x configs have no top-level pad id), so a batch equals one video at a time.
   clip  open_clip from local weights only (`path` = a folder with open_clip_config.json, or
         ARCH:FILE such as ViT-H-14:/weights/open_clip_model.safetensors; for OpenAI weights use
         the `-quickgelu` architecture). Per video, with unit-norm frame embeddings e_f:
@@ -33,10 +50,11 @@ import torch
 import models
 
 DIMS = models.DIMS
-SCORERS = ("clip", "toy")
+SCORERS = ("videoscore", "clip", "toy")
 VERSION = "1"                  # bump when a dimension's definition changes: invalidates score caches
 MOTION_SCALE = 0.05            # DD: a mean absolute change of 5 % of the range per frame gives 1 - 1/e
 QUALITY_PROMPTS = ("a good photo.", "a bad photo.")  # VQ: CLIP-IQA-style antonym pair, good first
+EXTRA_DIMS = ("factual_consistency",)  # reported when every row has them; never in DIMS or the average
 
 
 class Scorer:
@@ -191,8 +209,178 @@ class ToyScorer(Scorer):
         return [{d: float(row[d]) for d in DIMS} for row in judge(videos, prompts)]
 
 
+# ----------------------------------------------------------------------------- videoscore
+# REGRESSION_QUERY_PROMPT of TIGER-AI-Lab/VideoScore examples/run_videoscore.py, character for character
+# (1,163 characters; one line ends in a space, hence one literal per line). The score depends on it.
+VIDEOSCORE_QUERY = (
+    "\n"
+    "Suppose you are an expert in judging and evaluating the quality of AI-generated videos,\n"
+    "please watch the following frames of a given video and see the text prompt for generating the video,\n"
+    "then give scores from 5 different dimensions:\n"
+    "(1) visual quality: the quality of the video in terms of clearness, resolution, brightness, and color\n"
+    "(2) temporal consistency, both the consistency of objects or humans and the smoothness of motion or movements\n"
+    "(3) dynamic degree, the degree of dynamic changes\n"
+    "(4) text-to-video alignment, the alignment between the text prompt and the video content\n"
+    "(5) factual consistency, the consistency of the video content with the common-sense and factual knowledge\n"
+    "\n"
+    "for each dimension, output a float number from 1.0 to 4.0,\n"
+    "the higher the number is, the better the video performs in that sub-score, \n"
+    "the lowest 1.0 means Bad, the highest 4.0 means Perfect/Real (the video is like a real video)\n"
+    "Here is an output example:\n"
+    "visual quality: 3.2\n"
+    "temporal consistency: 2.7\n"
+    "dynamic degree: 4.0\n"
+    "text-to-video alignment: 2.3\n"
+    "factual consistency: 1.8\n"
+    "\n"
+    "For this video, the text prompt is \"{text_prompt}\",\n"
+    "all the frames of video are as follows:\n"
+)
+VIDEOSCORE_ASPECTS = (*DIMS, *EXTRA_DIMS)  # the head's five outputs, in order: VQ, TC, DD, TA, factual consistency
+VIDEOSCORE_MAX_FRAMES = {"VideoScore": 16, "VideoScore-v1.1": 48}  # what each release was trained with
+VIDEOSCORE_DOWNLOAD = "hf download TIGER-Lab/VideoScore --local-dir ckpt/VideoScore (or TIGER-Lab/VideoScore-v1.1)"
+
+
+def videoscore_frame_indices(num_frames, max_frames):
+    """Frames VideoScore sees: all up to `max_frames`, else evenly spaced as examples/run_videoscore.py does."""
+    if num_frames > max_frames:
+        return np.arange(0, num_frames, num_frames / max_frames).astype(int)
+    return np.arange(num_frames)
+
+
+def videoscore_query(prompt, num_frames):
+    """The text for one video: the regression query with its prompt, then one '<image> ' per frame."""
+    if "<image>" in prompt or "<fake_token_around_image>" in prompt:
+        raise ValueError(f"prompt {prompt!r} contains an image token")
+    return VIDEOSCORE_QUERY.format(text_prompt=prompt) + "<image> " * num_frames
+
+
+def videoscore_max_frames(path):
+    """48 for a VideoScore-v1.1 folder (recognised by 'v1.1' in its name), else 16 (VideoScore)."""
+    return VIDEOSCORE_MAX_FRAMES["VideoScore-v1.1" if "v1.1" in os.path.basename(os.path.normpath(path)).lower()
+                                 else "VideoScore"]
+
+
+def videoscore_shards(path):
+    """The weight files of a released VideoScore folder; a missing folder or file is a one-line UserError."""
+    if not path or not os.path.isdir(path):
+        raise models.UserError(f"videoscore: no folder '{path}': download it with {VIDEOSCORE_DOWNLOAD}")
+    for name in ("config.json", "preprocessor_config.json", "tokenizer.json", "tokenizer_config.json"):
+        if not os.path.isfile(os.path.join(path, name)):
+            raise models.UserError(f"{path}: missing {name}: download the whole folder with {VIDEOSCORE_DOWNLOAD}")
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        shards = sorted(set(models.read_json(index).get("weight_map", {}).values()))
+    else:
+        shards = ["model.safetensors"]
+    for name in shards:
+        if not os.path.isfile(os.path.join(path, name)):
+            raise models.UserError(f"{path}: missing {name}: download the whole folder with {VIDEOSCORE_DOWNLOAD}")
+    return [os.path.join(path, name) for name in shards]
+
+
+class VideoScoreScorer(Scorer):
+    """VideoScore = Idefics2Model + a linear regression head on the last real token (Mantis'
+    Idefics2ForSequenceClassification), from transformers classes and the released files."""
+    name = "videoscore"
+
+    def __init__(self, path, device="cpu", max_frames=0, batch_size=4):
+        import accelerate
+        from safetensors import safe_open
+        from transformers import Idefics2Config, Idefics2Model, Idefics2Processor, PreTrainedTokenizerFast
+
+        try:  # transformers 5: the PIL backend resizes like the 4.x processor VideoScore was trained with
+            from transformers import Idefics2ImageProcessorPil as ImageProcessor
+        except ImportError:
+            from transformers import Idefics2ImageProcessor as ImageProcessor
+        shards = videoscore_shards(path)
+        self.device, self.batch_size = device, batch_size
+        self.max_frames = max_frames or videoscore_max_frames(path)
+        self.dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+
+        config = Idefics2Config.from_pretrained(path, local_files_only=True)
+        # Mantis' perceiver normalises with the text model's eps (1e-5); transformers 5 reads its own (default 1e-6)
+        config.perceiver_config.rms_norm_eps = config.text_config.rms_norm_eps
+        # tokenizer.json exactly as saved (as transformers 4.x loaded it for training): transformers 5's
+        # LlamaTokenizer rebuilds its normalizer and tokenizes the spaces around image tokens differently
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(path, local_files_only=True)
+        tokenizer.padding_side = "right"  # pooling below reads each sequence's last real token
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token_id = config.text_config.pad_token_id
+        image_processor = ImageProcessor.from_pretrained(path, local_files_only=True, do_image_splitting=False)
+        seq_len = config.perceiver_config.resampler_n_latents
+        self.processor = Idefics2Processor(image_processor, tokenizer, image_seq_len=seq_len)
+        if self.processor.image_token_id != config.image_token_id:
+            raise models.UserError(f"{path}: the tokenizer's <image> id {self.processor.image_token_id} differs from "
+                                   f"config.json's image_token_id {config.image_token_id}")
+
+        state = {}
+        for file in shards:
+            with safe_open(file, framework="pt", device=str(device)) as f:
+                state.update({k: f.get_tensor(k).to(self.dtype) for k in f.keys()})
+        if "score.weight" not in state:
+            raise models.UserError(f"{path}: no 'score.weight' tensor: not a VideoScore (regression) checkpoint")
+        with accelerate.init_empty_weights(include_buffers=False):  # parameters come from the files below
+            net = torch.nn.ModuleDict({"model": Idefics2Model(config),
+                                       "score": torch.nn.Linear(config.text_config.hidden_size,
+                                                                state["score.weight"].shape[0])})
+        try:  # the files' keys are exactly 'model.*' and 'score.*': every tensor is used, none may be missing
+            net.load_state_dict(state, strict=True, assign=True)
+        except RuntimeError as e:
+            raise models.UserError(f"{path}: weights do not match the VideoScore architecture "
+                                   f"({' '.join(str(e).split())[:400]})")
+        if net.score.out_features != len(VIDEOSCORE_ASPECTS):
+            raise models.UserError(f"{path}: the score head has {net.score.out_features} outputs, "
+                                   f"expected {len(VIDEOSCORE_ASPECTS)}")
+        self.net = net.to(device).eval().requires_grad_(False)  # non-persistent buffers (rotary) follow
+        self.model, self.score_head = net.model, net.score
+
+        with open(os.path.join(path, "tokenizer.json"), "rb") as f:
+            tokenizer_sha = hashlib.sha256(f.read()).hexdigest()
+        settings = dict(version=VERSION, query=hashlib.sha256(VIDEOSCORE_QUERY.encode()).hexdigest(),
+                        max_frames=self.max_frames, image_seq_len=seq_len,
+                        model={k: v for k, v in config.to_dict().items() if k != "transformers_version"},
+                        image_processor=image_processor.to_dict(), dtype=str(self.dtype), tokenizer=tokenizer_sha)
+        self.fingerprint = "videoscore-" + models.fingerprint(
+            types.SimpleNamespace(config=settings, state_dict=net.state_dict))
+
+    def inputs(self, videos, prompts):
+        """Processor outputs for a batch of videos: right-padded ids, pixel values (B, F, 3, H, W)."""
+        from PIL import Image
+
+        frames = [[Image.fromarray(f) for f in v[videoscore_frame_indices(len(v), self.max_frames)]] for v in videos]
+        texts = [videoscore_query(p, len(f)) for p, f in zip(prompts, frames)]
+        return self.processor(text=texts, images=frames, padding=True, return_tensors="pt").to(self.device)
+
+    def forward(self, batch):
+        """(B, 5) float32: the score head on each sequence's last real token (right padding)."""
+        mask = batch["attention_mask"]  # (B, L), ones then zeros
+        last = mask.sum(-1) - 1  # (B,) index of the last real token
+        if not torch.equal(mask.bool(), torch.arange(mask.shape[1], device=mask.device) <= last[:, None]):
+            raise RuntimeError("videoscore: the tokenizer did not pad on the right")
+        hidden = self.model(input_ids=batch["input_ids"], attention_mask=mask, pixel_values=batch["pixel_values"],
+                            pixel_attention_mask=batch.get("pixel_attention_mask"), use_cache=False).last_hidden_state
+        return self.score_head(hidden[torch.arange(len(hidden), device=hidden.device), last]).float()  # (B, 5)
+
+    @torch.no_grad()
+    def score(self, videos, prompts):
+        videos = as_videos(videos, prompts)
+        rows = [None] * len(videos)
+        groups = {}  # videos of one shape batch without any image or pixel padding
+        for i, v in enumerate(videos):
+            groups.setdefault((min(len(v), self.max_frames), *v.shape[1:3]), []).append(i)
+        for idx in groups.values():
+            for chunk in (idx[k:k + self.batch_size] for k in range(0, len(idx), self.batch_size)):
+                out = self.forward(self.inputs([videos[i] for i in chunk], [prompts[i] for i in chunk]))
+                for i, values in zip(chunk, out.tolist()):
+                    rows[i] = dict(zip(VIDEOSCORE_ASPECTS, values))
+        return rows
+
+
 def get_scorer(name, path="", device="cpu"):
-    """The scorer `name` (one of SCORERS); `path` locates its weights (clip only)."""
+    """The scorer `name` (one of SCORERS); `path` locates its weights (videoscore, clip)."""
+    if name == "videoscore":
+        return VideoScoreScorer(path, models.resolve_device(device))
     if name == "clip":
         return ClipScorer(path, models.resolve_device(device))
     if name == "toy":
@@ -217,7 +405,9 @@ def interval(values):
 
 
 def aggregate(rows, dims=DIMS):
-    """Per dimension and for 'average' (each video's mean over `dims`): {mean, ci95: [lo, hi], n}."""
+    """Per dimension and for 'average' (each video's mean over `dims`): {mean, ci95: [lo, hi], n}; plus
+    each of EXTRA_DIMS that every row has (videoscore's factual_consistency), outside the average."""
     out = {d: interval([row[d] for row in rows]) for d in dims}
+    out.update({d: interval([row[d] for row in rows]) for d in EXTRA_DIMS if rows and all(d in row for row in rows)})
     out["average"] = interval([mean_score(row, dims) for row in rows])
     return out
