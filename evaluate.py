@@ -187,9 +187,17 @@ def strip_height(size):
     return (size + 7) // 2 * 2  # even, so every frame keeps even dimensions for H.264
 
 
+def panel_scale(height):
+    """Whole-pixel enlargement of a side-by-side panel: at least 128 pixels high."""
+    return max(1, 128 // height)
+
+
 def side_by_side(videos, labels):
-    """Videos (F, H, W, 3) -> one (F, strip + H, sum W, 3) video, each panel under its label."""
+    """Videos (F, H, W, 3) -> one (F, strip + H, sum W, 3) video, each panel under its label. Small
+    videos are enlarged (whole pixels) to at least 128 pixels high so that their labels fit."""
     f = min(len(v) for v in videos)
+    k = panel_scale(videos[0].shape[1])
+    videos = [v.repeat(k, axis=1).repeat(k, axis=2) if k > 1 else v for v in videos]
     size = font_size(videos[0].shape[1])
     panels = []
     for video, label in zip(videos, labels):
@@ -322,7 +330,8 @@ def main(args):
             "teacher_params": teacher_params,
             "scorer": {"name": scorer.name, "fingerprint": scorer.fingerprint, "path": args.scorer_path},
             "device": device, "world_size": world, "prompts": prompts, "samples": args.samples,
-            "side_by_side": {"label_strip_px": strip_height(font_size(settings["height"])), "videos": sbs}
+            "side_by_side": {"label_strip_px": strip_height(font_size(settings["height"] * panel_scale(settings["height"]))),
+                             "scale": panel_scale(settings["height"]), "videos": sbs}
             if args.side_by_side else None,
             "models": report_models,
         }

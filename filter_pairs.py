@@ -89,7 +89,9 @@ def get_parser():
     p.add_argument("--min-words", type=int, default=5, help="curate: shortest prompt kept, in words")
     p.add_argument("--max-words", type=int, default=25, help="curate: longest prompt kept, in words")
     p.add_argument("--curator", default="keywords", help="curate: 'keywords', or a local transformers causal LM folder")
-    p.add_argument("--max-prompts", type=int, default=0, help="curate: keep the first N relevant prompts (0 = all)")
+    p.add_argument("--max-prompts", type=int, default=0,
+                   help="curate: keep N relevant prompts, most targets matched first, balanced over keywords (0 = all)")
+    p.add_argument("--seed", type=int, default=0, help="curate: breaks ties in the selection (the pool's order never does)")
     p.add_argument("--min-keep", type=int, default=1, help="curate: fail if fewer prompts are kept")
     # filter
     p.add_argument("--pairs", default="", help="filter: the pairs JSONL (make_pairs.py)")
@@ -140,6 +142,25 @@ def keyword_matches(prompt):
     attrs = found(ATTRIBUTES) + sorted({t for t in tokens if t.isdigit()})
     out["text_alignment"] = attrs if len(attrs) >= TA_MIN_ATTRIBUTES else []
     return {d: out[d] for d in DIMS if out[d]}
+
+
+def select_prompts(rows, max_prompts, seed=0):
+    """Section 5.2's selection, independent of the pool's order: the prompts relevant to the most
+    targets first; within a tier, greedily the prompt whose keywords are least covered by the prompts
+    chosen so far (a stratified sample over colors, shapes, directions, speeds, ...), ties broken by a
+    seeded hash. `rows` hold 'prompt', 'relevance' and 'matched'; returns the chosen rows in order."""
+    key = lambda r: hashlib.sha256(f"{seed}:{r['prompt']}".encode()).hexdigest()
+    if not max_prompts or max_prompts >= len(rows):
+        return sorted(rows, key=lambda r: (-r["relevance"], key(r)))
+    words = {id(r): sorted({w for ws in r["matched"].values() for w in ws}) for r in rows}
+    left, chosen, counts = sorted(rows, key=key), [], {}
+    while left and len(chosen) < max_prompts:
+        best = min(left, key=lambda r: (-r["relevance"], sum(counts.get(w, 0) for w in words[id(r)]), key(r)))
+        left.remove(best)
+        chosen.append(best)
+        for w in words[id(best)]:
+            counts[w] = counts.get(w, 0) + 1
+    return chosen
 
 
 def llm_question(prompt, targets):
@@ -331,25 +352,23 @@ def curate(args):
         rows.append({"prompt": p, "words": len(p.split()), "kept": False, "reason": reason})
     judge = None if args.curator == "keywords" else LLMCurator(args.curator, models.resolve_device(args.device))
     todo = [r for r in rows if r["reason"] is None]
-    kept = 0
-    for i in range(0, len(todo), args.batch_size):  # judge batch by batch until --max-prompts are kept
-        if args.max_prompts and kept >= args.max_prompts:
-            break
+    for i in range(0, len(todo), args.batch_size):  # every candidate is judged: the pool's order must not matter
         batch = todo[i:i + args.batch_size]
-        if judge is None:
-            for r in batch:
-                r["matched"] = keyword_matches(r["prompt"])
-            relevant = [any(d in r["matched"] for d in targets) for r in batch]
-        else:
+        for r in batch:
+            r["matched"] = keyword_matches(r["prompt"])
+            r["relevance"] = sum(d in r["matched"] for d in targets)  # how many targets the prompt tests
+        if judge is not None:
             answers = judge([r["prompt"] for r in batch], targets)
             for r, (yes, no) in zip(batch, answers):
                 r["llm"] = {"yes": yes, "no": no}
-            relevant = [yes > no for yes, no in answers]
-        for r, ok in zip(batch, relevant):
-            if ok and args.max_prompts and kept >= args.max_prompts:
-                continue  # relevant, but --max-prompts are kept already: 'over_max_prompts' below
-            r["kept"], r["reason"] = ok, "kept" if ok else "not_relevant"
-            kept += ok
+                r["relevance"] = int(yes > no)
+    relevant = [r for r in todo if r["relevance"] > 0]
+    for r in todo:
+        r["reason"] = "not_relevant" if r["relevance"] == 0 else None
+    chosen = select_prompts(relevant, args.max_prompts, args.seed)
+    for rank, r in enumerate(chosen):
+        r["kept"], r["reason"], r["rank"] = True, "kept", rank
+    kept = len(chosen)
     for r in rows:
         r["reason"] = r["reason"] or "over_max_prompts"
     counts = {k: sum(r["reason"] == k for r in rows)
@@ -358,7 +377,7 @@ def curate(args):
         raise models.UserError(f"{args.prompts}: only {kept} of {len(rows)} prompts kept for targets {targets} "
                                f"(need --min-keep {args.min_keep}; {counts})")
     with models.atomic_path(args.out) as tmp, open(tmp, "w") as f:
-        f.write("".join(r["prompt"] + "\n" for r in rows if r["kept"]))
+        f.write("".join(r["prompt"] + "\n" for r in chosen))
     models.write_json(summary_path, {"args": vars(args), "targets": targets, "targets_from": source,
                                      "curator": args.curator, "counts": {"in": len(rows), **counts}, "prompts": rows})
     print(f"filter_pairs curate: kept {kept}/{len(rows)} prompts for {', '.join(targets)} "

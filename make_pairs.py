@@ -4,8 +4,9 @@ METHOD.md section 5.3. Both start from the same seed, hence the same initial noi
 eta noise). Writes playable mp4s, the final latents and the text embedding as safetensors, and a
 pairs JSONL (DESIGN.md) whose paths are relative to the JSONL's folder. The teacher never changes,
 so its outputs are cached under --teacher-cache by (teacher fingerprint, prompt, seed, sampler
-settings) and reused on later runs and rounds. Each prompt's seed is derived from (--seed, prompt),
-so a prompt keeps its seed whatever its position in the file.
+settings) and reused by later runs. Pair k of a prompt (--samples-per-prompt K) starts from a seed
+derived from (--seed, --round, prompt, k): a prompt keeps its seeds whatever its position in the
+file, and every round gets fresh pairs (new initial noise, new teacher videos) for the same prompt.
 
 Tiny CPU:  python make_pairs.py --model toy --prompts prompts.txt --student runs/pruned.safetensors --out-dir runs/pairs
 One GPU:   python make_pairs.py --model vc2 --teacher ckpt/vc2 --prompts prompts.txt \
@@ -32,15 +33,18 @@ def get_parser():
     p.add_argument("--out-dir", required=True, help="folder for pairs.jsonl, videos/ and latents/")
     p.add_argument("--teacher-cache", default="", help="teacher cache folder (default: OUT_DIR/teacher_cache)")
     models.add_sampling_args(p)
-    p.add_argument("--batch-size", type=int, default=8, help="prompts per sampling batch")
-    p.add_argument("--seed", type=int, default=0, help="base seed; each prompt's seed derives from it")
+    p.add_argument("--samples-per-prompt", type=int, default=1, help="pairs per prompt, each from its own seed")
+    p.add_argument("--round", type=int, default=0, help="the loop's round: part of every pair's seed")
+    p.add_argument("--batch-size", type=int, default=8, help="videos per sampling batch")
+    p.add_argument("--seed", type=int, default=0, help="base seed; each pair's seed derives from it")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     return p
 
 
-def prompt_seed(seed, prompt):
-    """A stable seed per (base seed, prompt)."""
-    return int(hashlib.sha256(f"{seed}:{prompt}".encode()).hexdigest()[:8], 16) % (2 ** 31)
+def prompt_seed(seed, prompt, round_=0, k=0):
+    """A stable seed per (base seed, round, prompt, sample k); round 0, sample 0 is the plain (seed, prompt)."""
+    key = f"{seed}:{prompt}" if (round_, k) == (0, 0) else f"{seed}:{round_}:{k}:{prompt}"
+    return int(hashlib.sha256(key.encode()).hexdigest()[:8], 16) % (2 ** 31)
 
 
 def cache_key(fingerprint, prompt, seed, settings):
@@ -60,6 +64,9 @@ def main(args):
 
     family = models.get_family(args.model)
     prompts = list(dict.fromkeys(models.read_prompts(args.prompts)))  # unique, in order
+    if args.samples_per_prompt < 1:
+        raise models.UserError(f"--samples-per-prompt must be >= 1 (got {args.samples_per_prompt})")
+    jobs = [(j, k) for j in range(len(prompts)) for k in range(args.samples_per_prompt)]  # (prompt, sample)
     rank, world, device = models.dist_setup(args.device)
     teacher = models.load_teacher(family, args.teacher, args.motion_adapter, device)
     student, meta = models.load_model(teacher, args.student)
@@ -70,12 +77,12 @@ def main(args):
     out = os.path.abspath(args.out_dir)
     rel = lambda p: os.path.relpath(p, out)
     uncond = models.encode_prompts(teacher, [""])
-    mine = list(range(rank, len(prompts), world))  # this rank's share of the prompts
+    mine = jobs[rank::world]  # this rank's share of the (prompt, sample) jobs
     rows, made, reused = [], 0, 0
     for i in tqdm(range(0, len(mine), args.batch_size), desc="make_pairs", disable=rank != 0):
         idx = mine[i:i + args.batch_size]
-        batch = [prompts[j] for j in idx]
-        seeds = [prompt_seed(args.seed, p) for p in batch]
+        batch = [prompts[j] for j, _ in idx]
+        seeds = [prompt_seed(args.seed, prompts[j], args.round, k) for j, k in idx]
         cond = models.encode_prompts(teacher, batch)  # (N, L, D)
         keys = [cache_key(teacher.fingerprint, p, s, settings) for p, s in zip(batch, seeds)]
         t_lat = [os.path.join(cache_dir, f"{k}.safetensors") for k in keys]
@@ -89,15 +96,15 @@ def main(args):
             made += len(todo)
         reused += len(batch) - len(todo)
         s_lat, s_vid = models.generate(teacher, student, cond, uncond, seeds, settings)
-        for n, j in enumerate(idx):
-            pid = f"{j:06d}"
+        for n, (j, k) in enumerate(idx):
+            pid = f"{j:06d}" if args.samples_per_prompt == 1 else f"{j:06d}-{k}"
             emb_path = os.path.join(out, "latents", f"{pid}_text.safetensors")
             lat_path = os.path.join(out, "latents", f"{pid}_student.safetensors")
             vid_path = os.path.join(out, "videos", f"{pid}_student.mp4")
             save_tensors(emb_path, text_emb=cond[n])
             save_tensors(lat_path, latents=s_lat[n])
             models.write_video(vid_path, s_vid[n], family.fps)
-            rows.append({"id": pid, "prompt": batch[n], "seed": seeds[n],
+            rows.append({"id": pid, "prompt": batch[n], "seed": seeds[n], "round": args.round, "sample": k,
                          "winner": {"model": "teacher", "video": rel(t_vid[n]), "latents": rel(t_lat[n])},
                          "loser": {"model": "student", "video": rel(vid_path), "latents": rel(lat_path)},
                          "text_emb": rel(emb_path)})

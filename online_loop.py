@@ -9,8 +9,10 @@
         M_i'    = train M_i with ReDPO (reference = M_0) on pairs
         evaluate M_i'
 
-Every step is a separate process running one stage script (so each can run under torchrun), and
-every step's outputs live under WORK_DIR/round-k/. A step is complete when its final file exists
+Every step runs one stage script: as a separate process when --nproc > 1 (under torchrun) or with
+--isolate, otherwise inside this process (the stage's own `main(args)`, its output logged the same
+way), which saves the ~10 s of importing torch, diffusers and transformers per step on a CPU. Every
+step's outputs live under WORK_DIR/round-k/. A step is complete when its final file exists
 (stages write it last and atomically): a rerun skips complete steps and redoes partial ones.
 The teacher's videos are cached in WORK_DIR/teacher_cache and reused by every round. It ends by
 printing one table: per round, parameters, FLOPs, the four scores and their average, pairs made
@@ -18,11 +20,13 @@ and kept (also written to WORK_DIR/results.md and results.json).
 
 Laptop (the embedded toy, minutes on a CPU):  python online_loop.py
 Ablations:   python online_loop.py --loss sft    |   python online_loop.py --no-online
-VC2, 1 GPU:  python online_loop.py --model vc2 --teacher ckpt/vc2 --prompt-pool pool.txt \
-                 --probe-prompts probe.txt --eval-prompts eval.txt --scorer clip --scorer-path ViT-H-14:clip.safetensors
+VC2, 1 GPU:  python online_loop.py --model vc2      (VideoScore reward, teacher and scorer from ckpt/, prompts/)
+AnimateDiff: python online_loop.py --model animatediff
 8 GPUs:      python online_loop.py ... --nproc 8     (each heavy stage runs under torchrun)
 """
 import argparse
+import contextlib
+import importlib
 import json
 import os
 import shutil
@@ -31,19 +35,39 @@ import sys
 import time
 
 import models
+import rewards
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-TOY_PROMPTS = {"pool": os.path.join(HERE, "toy", "prompts", "train.txt"),
+TOY_PROMPTS = {"pool": os.path.join(HERE, "toy", "prompts", "pool.txt"),
                "probe": os.path.join(HERE, "toy", "prompts", "probe.txt"),
                "eval": os.path.join(HERE, "toy", "prompts", "eval.txt")}
+# vc2 / animatediff defaults: tools/make_prompts.py's files, and local folders relative to the current directory,
+# each with how to make it (the message when it is missing)
+REAL_PROMPTS = {k: os.path.join(HERE, "prompts", f"{k}.txt") for k in ("pool", "probe", "eval")}
+CKPT = {"vc2": {"teacher": "ckpt/vc2"},
+        "animatediff": {"teacher": "ckpt/sd15", "motion_adapter": "ckpt/animatediff-v1-5-2"},
+        "videoscore": "ckpt/VideoScore"}
+CKPT_HOW = {
+    "ckpt/vc2": "download model.ckpt of VideoCrafter/VideoCrafter2 (hf download VideoCrafter/VideoCrafter2 model.ckpt "
+                "--local-dir ckpt/VideoCrafter2), then convert it: python tools/convert_vc2.py --ckpt "
+                "ckpt/VideoCrafter2/model.ckpt --out ckpt/vc2",
+    "ckpt/sd15": "download stable-diffusion-v1-5/stable-diffusion-v1-5 into it "
+                 "(hf download stable-diffusion-v1-5/stable-diffusion-v1-5 --local-dir ckpt/sd15)",
+    "ckpt/animatediff-v1-5-2": "download guoyww/animatediff-motion-adapter-v1-5-2 into it (hf download "
+                               "guoyww/animatediff-motion-adapter-v1-5-2 --local-dir ckpt/animatediff-v1-5-2)",
+    "ckpt/VideoScore": "download TIGER-Lab/VideoScore into it "
+                       "(hf download TIGER-Lab/VideoScore --local-dir ckpt/VideoScore)",
+}
 DIM_SHORT = models.DIM_SHORT
 
 
 def get_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="toy", choices=list(models.FAMILIES), help="model family")
-    p.add_argument("--teacher", default="", help="teacher folder (default: the family's shipped teacher)")
-    p.add_argument("--motion-adapter", default="", help="MotionAdapter folder (animatediff)")
+    p.add_argument("--teacher", default="",
+                   help="teacher folder (default: toy/teacher; vc2 ckpt/vc2; animatediff ckpt/sd15)")
+    p.add_argument("--motion-adapter", default="",
+                   help="MotionAdapter folder or .ckpt (animatediff; default ckpt/animatediff-v1-5-2)")
     p.add_argument("--work-dir", default="runs/vip", help="every round's outputs go under this folder")
     p.add_argument("--rounds", type=int, default=0, help="online rounds K (0 = the paper's: vc2 2, animatediff 3)")
     p.add_argument("--final-ratio", type=float, default=0.0,
@@ -51,27 +75,45 @@ def get_parser():
     p.add_argument("--schedule", default="linear", choices=["linear", "geometric"],
                    help="per-round budget: equal parameter cuts, or an equal fraction kept each round")
     p.add_argument("--no-online", action="store_true",
-                   help="ablation: prune once to the final size and train once (with all rounds' steps)")
+                   help="ablation: prune once to the final size and train once (--train-steps, as the last round)")
     p.add_argument("--loss", default="redpo", choices=["redpo", "dpo", "sft"], help="training loss (ablations)")
     p.add_argument("--beta", type=float, default=5000.0, help="DPO temperature")
     p.add_argument("--w-sft", type=float, default=1.0, help="SFT weight in ReDPO")
+    p.add_argument("--reference", default="teacher", choices=["teacher", "student0"],
+                   help="DPO reference: the teacher M_0 (paper) or the round's pruned student")
+    p.add_argument("--uncond-prob", type=float, default=0.1, help="prompt dropout in ReDPO (trains the CFG branch)")
     p.add_argument("--train-steps", type=int, default=60, help="ReDPO optimizer steps per round")
     p.add_argument("--train-batch-size", type=int, default=4, help="pairs per ReDPO step")
     p.add_argument("--lr", type=float, default=0.0, help="ReDPO learning rate (0 = family default)")
+    p.add_argument("--samples-per-prompt", type=int, default=0,
+                   help="pairs per curated prompt, each from its own seed (0 = toy 2, other families 1)")
     p.add_argument("--importance", default="reward", choices=["reward", "output"], help="pruning importance")
-    p.add_argument("--prompt-pool", default="", help="prompts to curate pairs from (toy: its train prompts)")
-    p.add_argument("--probe-prompts", default="", help="prompts for importance and targets (toy: built in)")
-    p.add_argument("--eval-prompts", default="", help="held-out prompts for evaluation (toy: built in)")
+    p.add_argument("--prompt-pool", default="",
+                   help="prompts to curate pairs from (default: toy/prompts/pool.txt; others prompts/pool.txt)")
+    p.add_argument("--probe-prompts", default="",
+                   help="prompts for importance and targets (default: toy/prompts/probe.txt; others prompts/probe.txt)")
+    p.add_argument("--eval-prompts", default="",
+                   help="held-out prompts for evaluation (default: toy/prompts/eval.txt; others prompts/eval.txt)")
     p.add_argument("--max-pair-prompts", type=int, default=-1,
                    help="curated prompts made into pairs per round (0 = all; -1 = toy 24, other families all)")
-    p.add_argument("--num-probe", type=int, default=4, help="probe prompts used for pruning importance")
-    p.add_argument("--scorer", default="toy", choices=["clip", "toy"], help="reward model (rewards.py)")
-    p.add_argument("--scorer-path", default="", help="scorer weights (clip: ARCH:FILE or an open_clip folder)")
+    p.add_argument("--num-probe", type=int, default=8, help="probe prompts used for pruning importance")
+    p.add_argument("--probe-seeds", type=int, default=2, help="seed sets per probe prompt for pruning importance")
+    p.add_argument("--masks-from", default="",
+                   help="another work dir whose round-k/pruned.safetensors masks this run reuses (no importance)")
+    p.add_argument("--eval-samples", type=int, default=0, help="videos per eval prompt (0 = toy 4, other families 1)")
+    p.add_argument("--eval-rounds", default="all", choices=["all", "last", "none"],
+                   help="evaluate every round's pruned and trained student, only the last round's, or none "
+                        "(the teacher is evaluated unless none)")
+    p.add_argument("--scorer", default="", choices=["", *rewards.SCORERS], metavar="{" + ",".join(rewards.SCORERS) + "}",
+                   help="reward model (rewards.py; default: toy for the toy, else videoscore as the paper)")
+    p.add_argument("--scorer-path", default="",
+                   help="scorer weights (videoscore: a folder, default ckpt/VideoScore; clip: ARCH:FILE or a folder)")
     p.add_argument("--tau", type=float, default=0.0, help="pair filter floor tau_p: keep S(w) > S(l) > tau")
     p.add_argument("--no-filter", action="store_true", help="ablation: train on every pair (scored, none dropped)")
     models.add_sampling_args(p)
-    p.add_argument("--probe-steps", type=int, default=5, help="DDIM steps of pruning's probe videos")
+    p.add_argument("--probe-steps", type=int, default=0, help="DDIM steps of pruning's probe videos (0 = --steps)")
     p.add_argument("--nproc", type=int, default=1, help="processes per heavy stage (torchrun) ")
+    p.add_argument("--isolate", action="store_true", help="run every stage as its own process even with --nproc 1")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     return p
@@ -85,26 +127,75 @@ def budgets(rounds, final_ratio, schedule):
 
 
 # ----------------------------------------------------------------------------- running steps
-def run_step(name, marker, argv, log_path, nproc=1):
-    """Run one stage as a process unless `marker` exists; stream and save its output."""
+class _Tee:
+    """A stream for an in-process step: everything to the log, lines to the console indented, a
+    progress bar's carriage-return updates shown only in their final state (as for a process)."""
+
+    def __init__(self, log, console):
+        self.log, self.console, self.pending = log, console, ""
+
+    def write(self, text):
+        self.log.write(text)
+        self.log.flush()  # a progress bar's state is in the log as it happens
+        self.pending += text
+        *lines, self.pending = self.pending.split("\n")
+        for line in lines:
+            self.console.write("       " + line.split("\r")[-1] + "\n")
+        return len(text)
+
+    def flush(self):
+        self.log.flush()
+        self.console.flush()
+
+    def isatty(self):
+        return False
+
+
+def run_inline(argv, log):
+    """Run a stage's main(args) in this process; returns its exit code (2 for a one-line error)."""
+    if HERE not in sys.path:
+        sys.path.insert(0, HERE)
+    module = importlib.import_module(os.path.splitext(argv[0])[0])  # stage scripts do nothing on import
+    tee = _Tee(log, sys.stdout)
+    with contextlib.redirect_stdout(tee), contextlib.redirect_stderr(tee):
+        try:
+            module.main(module.get_parser().parse_args([str(a) for a in argv[1:]]))
+            code = 0
+        except models.UserError as e:
+            print(f"error: {e}", file=sys.stderr)
+            code = 2
+        except SystemExit as e:  # argparse
+            code = e.code if isinstance(e.code, int) else 1
+        finally:
+            if tee.pending:
+                tee.write("\n")
+    return code
+
+
+def run_step(name, marker, argv, log_path, nproc=1, isolate=False):
+    """Run one stage unless `marker` exists (as a process under torchrun when nproc > 1 or isolate,
+    else in this process); stream and save its output."""
     if os.path.exists(marker):
         print(f"[skip] {name}: {os.path.relpath(marker)} exists")
         return False
     os.makedirs(os.path.dirname(log_path), exist_ok=True)
-    launcher = [sys.executable]
-    if nproc > 1:
-        launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-    cmd = launcher + [os.path.join(HERE, argv[0])] + [str(a) for a in argv[1:]]
     print(f"[run ] {name}: {' '.join(argv[:1] + [str(a) for a in argv[1:]])}", flush=True)
     t0 = time.time()
     with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=HERE,
-                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        for raw in proc.stdout:  # bytes split on "\n" only: a progress bar's "\r" updates stay one line
-            line = raw.decode(errors="replace")
-            log.write(line)
-            sys.stdout.write("       " + line.split("\r")[-1])  # a progress bar shows its final state
-        code = proc.wait()
+        if nproc > 1 or isolate:
+            launcher = [sys.executable]
+            if nproc > 1:
+                launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+            cmd = launcher + [os.path.join(HERE, argv[0])] + [str(a) for a in argv[1:]]
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=HERE,
+                                    env={**os.environ, "PYTHONUNBUFFERED": "1"})
+            for raw in proc.stdout:  # bytes split on "\n" only: a progress bar's "\r" updates stay one line
+                line = raw.decode(errors="replace")
+                log.write(line)
+                sys.stdout.write("       " + line.split("\r")[-1])  # a progress bar shows its final state
+            code = proc.wait()
+        else:
+            code = run_inline(argv, log)
     if code != 0:
         raise models.UserError(f"step '{name}' failed with exit code {code}; its log is {log_path}")
     print(f"       {name} done in {time.time() - t0:.0f}s", flush=True)
@@ -117,7 +208,7 @@ def count_lines(path):
 
 def check_work_dir(args, path):
     """A work dir belongs to one configuration: refuse to mix results made with other arguments."""
-    mine = {k: v for k, v in vars(args).items() if k not in ("nproc", "device")}
+    mine = {k: v for k, v in vars(args).items() if k not in ("nproc", "device", "isolate")}
     if os.path.exists(path):
         old = models.read_json(path)
         diff = [k for k in mine if old.get(k) != mine[k]]
@@ -168,25 +259,48 @@ def main(args):
     if not 0 < final < 1:
         raise models.UserError(f"--final-ratio must be in (0, 1), got {final}")
     toy = args.model == "toy"
-    max_pairs = args.max_pair_prompts if args.max_pair_prompts >= 0 else (24 if toy else 0)  # toy: minutes on a CPU
-    pool = args.prompt_pool or (TOY_PROMPTS["pool"] if toy else "")
-    probe = args.probe_prompts or (TOY_PROMPTS["probe"] if toy else "")
-    evalp = args.eval_prompts or (TOY_PROMPTS["eval"] if toy else "")
-    for flag, path in (("--prompt-pool", pool), ("--probe-prompts", probe), ("--eval-prompts", evalp)):
-        if not path:
-            raise models.UserError(f"{flag} is required for --model {args.model}")
+    max_pairs = args.max_pair_prompts if args.max_pair_prompts >= 0 else 0
+    per_prompt = args.samples_per_prompt or (2 if toy else 1)
+    eval_samples = args.eval_samples or (4 if toy else 1)
+    # Defaults: the toy's shipped teacher, prompts and judge; for vc2 / animatediff the paper's reward
+    # (VideoScore), tools/make_prompts.py's files and the conventional folders under ./ckpt.
+    prompts = TOY_PROMPTS if toy else REAL_PROMPTS
+    pool = args.prompt_pool or prompts["pool"]
+    probe = args.probe_prompts or prompts["probe"]
+    evalp = args.eval_prompts or prompts["eval"]
+    ckpt = CKPT.get(args.model, {})
+    teacher = args.teacher or family.default_teacher or ckpt["teacher"]
+    adapter = args.motion_adapter or ckpt.get("motion_adapter", "")
+    scorer_name = args.scorer or ("toy" if toy else "videoscore")
+    scorer_path = args.scorer_path or (CKPT["videoscore"] if scorer_name == "videoscore" else "")
+    # every folder the run needs, checked before any work starts: one line naming each missing one
+    needed = [("--teacher", teacher, os.path.isdir)]
+    if args.model == "animatediff":
+        needed.append(("--motion-adapter", adapter, os.path.exists))  # a folder or an original .ckpt
+    if scorer_name == "videoscore":
+        needed.append(("--scorer-path", scorer_path, os.path.isdir))
+    how = {**CKPT_HOW, family.default_teacher: "the toy teacher ships in toy/teacher; see README"}
+    missing = [f"{path}: not found; {how.get(os.path.normpath(path), f'pass {flag}')}"
+               for flag, path, exists in needed if not exists(path)]
+    if missing:
+        raise models.UserError(" | ".join(missing))
+    if scorer_name == "videoscore":
+        rewards.videoscore_shards(scorer_path)  # a folder missing a file: names it
+    for path in (pool, probe, evalp):
         models.read_prompts(path)  # fail early on a bad prompt file
-    teacher = args.teacher or family.default_teacher
-    if not teacher or not os.path.isdir(teacher):
-        raise models.UserError(f"teacher folder '{teacher}' not found: pass --teacher"
-                               + (" (the toy teacher ships in toy/teacher; see README)" if toy else ""))
+    resolved = {"teacher": teacher, "motion_adapter": adapter, "scorer": scorer_name, "scorer_path": scorer_path,
+                "prompt_pool": pool, "probe_prompts": probe, "eval_prompts": evalp}
     work = os.path.abspath(args.work_dir)
     os.makedirs(work, exist_ok=True)
-    check_work_dir(args, os.path.join(work, "loop.args.json"))
+    # the work dir records the scorer resolved (its default depends on the family), the rest as given
+    check_work_dir(argparse.Namespace(**{**vars(args), "scorer": scorer_name, "scorer_path": scorer_path}),
+                   os.path.join(work, "loop.args.json"))
 
-    base = ["--model", args.model, "--teacher", teacher, "--device", args.device]
-    if args.motion_adapter:
-        base += ["--motion-adapter", args.motion_adapter]
+    # the defaults are relative to this directory: stages get them absolute (a process runs in the repository)
+    absolute = lambda given, path: path if given else os.path.abspath(path)
+    base = ["--model", args.model, "--teacher", absolute(args.teacher, teacher), "--device", args.device]
+    if adapter:
+        base += ["--motion-adapter", absolute(args.motion_adapter, adapter)]
     sampling = []
     for flag in ("steps", "cfg", "eta", "frames", "height", "width"):
         value = getattr(args, flag)
@@ -194,19 +308,23 @@ def main(args):
             sampling += [f"--{flag}", value]
     if args.no_x0_rescale:
         sampling.append("--no-x0-rescale")
-    scorer = ["--scorer", args.scorer] + (["--scorer-path", args.scorer_path] if args.scorer_path else [])
+    scorer = ["--scorer", scorer_name] + (["--scorer-path", absolute(args.scorer_path, scorer_path)]
+                                          if scorer_path else [])
+    probe_sampling = sampling + (["--steps", args.probe_steps] if args.probe_steps else [])
+    run = lambda *a, nproc=1: run_step(*a, nproc=nproc, isolate=args.isolate)
     t0 = time.time()
 
     # Round 0: the teacher's own scores and cost on the eval prompts, once.
     r0 = os.path.join(work, "round-0")
-    run_step("evaluate teacher", os.path.join(r0, "eval", "report.json"),
-             ["evaluate.py", *base, "--prompts", evalp, "--out-dir", os.path.join(r0, "eval"), *scorer, *sampling,
-              "--seed", args.seed], os.path.join(r0, "logs", "evaluate.log"), args.nproc)
+    if args.eval_rounds != "none":
+        run("evaluate teacher", os.path.join(r0, "eval", "report.json"),
+            ["evaluate.py", *base, "--prompts", evalp, "--out-dir", os.path.join(r0, "eval"), *scorer, *sampling,
+             "--samples", eval_samples, "--seed", args.seed], os.path.join(r0, "logs", "evaluate.log"), nproc=args.nproc)
 
     names, previous = [], ""
     ratios = [final] if args.no_online else budgets(rounds, final, args.schedule)
-    # one-shot trains once with every round's steps, so both variants train equally long
-    steps = args.train_steps * ((args.rounds or family.rounds) if args.no_online else 1)
+    # one-shot trains --train-steps at the final size: as many steps there as the online loop's last round
+    steps = args.train_steps
     for k, ratio in enumerate(ratios, 1):
         name = "oneshot" if args.no_online else f"round-{k}"
         names.append(name)
@@ -216,48 +334,56 @@ def main(args):
         report = os.path.join(rd, "probe", "report.json")
         pairs, kept = os.path.join(rd, "pairs", "pairs.jsonl"), os.path.join(rd, "pairs", "filtered.jsonl")
         print(f"\n=== {name}: prune to {ratio:.3f} of the teacher's prunable parameters ===")
-        run_step("prune", pruned, ["prune.py", *base, *(["--student", previous] if previous else []), "--prompts", probe,
-                                   "--num-prompts", args.num_probe, "--importance", args.importance, *scorer,
-                                   "--target-ratio", ratio, "--out", pruned, *sampling, "--steps", args.probe_steps,
-                                   "--seed", args.seed], log("prune"))
-        run_step("probe evaluation", report,
-                 ["evaluate.py", *base, "--students", pruned, "--labels", "pruned", "--prompts", probe, "--out-dir",
-                  os.path.join(rd, "probe"), *scorer, *sampling, "--no-efficiency", "--no-side-by-side",
-                  "--seed", args.seed], log("probe"), args.nproc)
+        if args.masks_from:  # the other run's mask for this round, applied to this run's own student
+            mask = os.path.join(os.path.abspath(args.masks_from), name, "pruned.safetensors")
+            if not os.path.exists(mask):
+                raise models.UserError(f"--masks-from {args.masks_from}: no {name}/pruned.safetensors there")
+            how = ["--layers-from", mask]
+        else:
+            how = ["--prompts", probe, "--num-prompts", args.num_probe, "--probe-seeds", args.probe_seeds,
+                   "--importance", args.importance, *scorer, "--target-ratio", ratio]
+        run("prune", pruned, ["prune.py", *base, *(["--student", previous] if previous else []), *how, "--out", pruned,
+                              *probe_sampling, "--seed", args.seed], log("prune"))
+        run("probe evaluation", report,
+            ["evaluate.py", *base, "--students", pruned, "--labels", "pruned", "--prompts", probe, "--out-dir",
+             os.path.join(rd, "probe"), *scorer, *sampling, "--no-efficiency", "--no-side-by-side",
+             "--seed", args.seed], log("probe"), nproc=args.nproc)
         curated = os.path.join(rd, "prompts.txt")
-        run_step("curate prompts", curated,
-                 ["filter_pairs.py", "--job", "curate", "--prompts", pool, "--report", report, "--out", curated,
-                  "--max-prompts", max_pairs], log("curate"))
-        run_step("make pairs", pairs,
-                 ["make_pairs.py", *base, "--student", pruned, "--prompts", curated, "--out-dir",
-                  os.path.join(rd, "pairs"), "--teacher-cache", os.path.join(work, "teacher_cache"), *sampling,
-                  "--seed", args.seed], log("make_pairs"), args.nproc)
-        run_step("filter pairs", kept,
-                 ["filter_pairs.py", "--job", "filter", "--pairs", pairs, "--report", report, "--out", kept, *scorer,
-                  "--score-cache", os.path.join(work, "score_cache.jsonl"), *(["--keep-all"] if args.no_filter else []),
-                  "--tau", args.tau, "--device", args.device], log("filter"), args.nproc)
+        run("curate prompts", curated,
+            ["filter_pairs.py", "--job", "curate", "--prompts", pool, "--report", report, "--out", curated,
+             "--max-prompts", max_pairs, "--seed", args.seed * 1000 + k], log("curate"))
+        run("make pairs", pairs,
+            ["make_pairs.py", *base, "--student", pruned, "--prompts", curated, "--out-dir",
+             os.path.join(rd, "pairs"), "--teacher-cache", os.path.join(work, "teacher_cache"), *sampling,
+             "--samples-per-prompt", per_prompt, "--round", k, "--seed", args.seed], log("make_pairs"), nproc=args.nproc)
+        run("filter pairs", kept,
+            ["filter_pairs.py", "--job", "filter", "--pairs", pairs, "--report", report, "--out", kept, *scorer,
+             "--score-cache", os.path.join(work, "score_cache.jsonl"), *(["--keep-all"] if args.no_filter else []),
+             "--tau", args.tau, "--device", args.device], log("filter"), nproc=args.nproc)
         if not os.path.exists(student):
             if count_lines(kept) == 0:  # nothing to learn from: the round keeps the pruned student
                 print(f"[warn] {name}: no pair passed the filter; the round's student is the pruned model")
                 shutil.copyfile(pruned, student + ".tmp")
                 os.replace(student + ".tmp", student)
             else:
-                run_step("redpo", student,
-                         ["redpo.py", *base, "--student", pruned, "--pairs", kept, "--out", student, "--loss", args.loss,
-                          "--beta", args.beta, "--w-sft", args.w_sft, "--max-steps", steps, "--batch-size",
-                          args.train_batch_size, "--lr", args.lr, "--seed", args.seed], log("redpo"), args.nproc)
-        run_step("evaluate", os.path.join(rd, "eval", "report.json"),
-                 ["evaluate.py", *base, "--no-teacher", "--students", pruned, student, "--labels", "pruned", "student",
-                  "--prompts", evalp, "--out-dir", os.path.join(rd, "eval"), *scorer, *sampling, "--seed", args.seed],
-                 log("evaluate"), args.nproc)
+                run("redpo", student,
+                    ["redpo.py", *base, "--student", pruned, "--pairs", kept, "--out", student, "--loss", args.loss,
+                     "--beta", args.beta, "--w-sft", args.w_sft, "--reference", args.reference,
+                     "--uncond-prob", args.uncond_prob, "--max-steps", steps, "--batch-size", args.train_batch_size,
+                     "--lr", args.lr, "--seed", args.seed], log("redpo"), nproc=args.nproc)
+        if args.eval_rounds == "all" or (args.eval_rounds == "last" and k == len(ratios)):
+            run("evaluate", os.path.join(rd, "eval", "report.json"),
+                ["evaluate.py", *base, "--no-teacher", "--students", pruned, student, "--labels", "pruned", "student",
+                 "--prompts", evalp, "--out-dir", os.path.join(rd, "eval"), *scorer, *sampling,
+                 "--samples", eval_samples, "--seed", args.seed], log("evaluate"), nproc=args.nproc)
         previous = student
 
     rows = round_rows(work, names)
     text = table(rows)
-    models.write_json(os.path.join(work, "results.json"), {"args": vars(args), "rows": rows})
+    models.write_json(os.path.join(work, "results.json"), {"args": vars(args), "resolved": resolved, "rows": rows})
     with models.atomic_path(os.path.join(work, "results.md")) as tmp, open(tmp, "w") as f:
         f.write(f"V.I.P. on {args.model}: {'one-shot (no online)' if args.no_online else f'{rounds} online rounds'}, "
-                f"loss {args.loss}, final ratio {final:.3f}\n\n{text}\n")
+                f"loss {args.loss}, final ratio {final:.3f}, scorer {scorer_name}\n\n{text}\n")
     print(f"\n{text}\n\nV.I.P. finished in {time.time() - t0:.0f}s; results in {os.path.relpath(work)}/results.md")
 
 

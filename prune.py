@@ -17,12 +17,14 @@ One GPU:      python prune.py --model vc2 --teacher ckpt/vc2 --prompts probe.txt
                   --scorer-path ViT-H-14:ckpt/clip.safetensors --target-ratio 0.81 --out runs/r1/pruned.safetensors
 """
 import argparse
+import json
 import os
 import time
 
 import torch
 
 import models
+import rewards
 
 
 def get_parser():
@@ -41,7 +43,16 @@ def get_parser():
     p.add_argument("--importance", default="reward", choices=["reward", "output"], help="importance criterion")
     p.add_argument("--prompts", default="", help="probe prompts (.txt one a line, or .jsonl)")
     p.add_argument("--num-prompts", type=int, default=8, help="probe prompts used (the first N)")
-    p.add_argument("--scorer", default="toy", choices=["clip", "toy"], help="reward model (rewards.py)")
+    p.add_argument("--probe-seeds", type=int, default=2,
+                   help="seed sets per probe prompt: importance is their mean; with 2 or more, the rank "
+                        "correlation of the first two sets' importances is reported (stability)")
+    p.add_argument("--importance-from", default="",
+                   help="skip measuring: reuse the importance table stored in this prune.py checkpoint "
+                        "(e.g. nested masks for several rounds from one measurement on the teacher)")
+    p.add_argument("--layers-from", default="",
+                   help="skip importance: remove exactly the layers that this student checkpoint removed "
+                        "(shares one pruning mask between runs that compare losses)")
+    p.add_argument("--scorer", default="toy", choices=list(rewards.SCORERS), help="reward model (rewards.py)")
     p.add_argument("--scorer-path", default="", help="scorer weights (clip: ARCH:FILE or an open_clip folder)")
     models.add_sampling_args(p)  # the probe videos' sampler
     p.add_argument("--timesteps", type=int, default=8, help="output importance: timesteps averaged")
@@ -84,12 +95,28 @@ def kind_of(path):
 
 # ----------------------------------------------------------------------------- importance
 def probe_reward(teacher, unet, scorer, cond, uncond, prompts, seeds, settings, batch):
-    """R(M): the mean of the four reward dimensions over the probe videos of `unet`."""
+    """R per probe video of `unet`: the mean of its four reward dimensions, a (N,) tensor."""
     rows = []
     for i in range(0, len(prompts), batch):
         _, videos = models.generate(teacher, unet, cond[i:i + batch], uncond, seeds[i:i + batch], settings)
         rows += scorer.score(videos, prompts[i:i + batch])
-    return sum(sum(r[d] for d in models.DIMS) / len(models.DIMS) for r in rows) / len(rows)
+    return torch.tensor([sum(r[d] for d in models.DIMS) / len(models.DIMS) for r in rows])
+
+
+def spearman(a, b):
+    """Rank correlation of two equally long lists (average ranks for ties)."""
+    def ranks(x):
+        x = torch.as_tensor(x, dtype=torch.float64)
+        order = x.argsort()
+        r = torch.empty_like(x)
+        r[order] = torch.arange(len(x), dtype=torch.float64)
+        for v in x.unique():  # ties share their mean rank
+            r[x == v] = r[x == v].mean()
+        return r
+    ra, rb = ranks(a), ranks(b)
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    den = (ra.pow(2).sum() * rb.pow(2).sum()).sqrt()
+    return float((ra * rb).sum() / den) if den > 0 else float("nan")
 
 
 @torch.no_grad()
@@ -100,48 +127,76 @@ def predictions(family, unet, cond, x_t, t):
 
 
 def importance(args, family, unet, teacher, cands, prompts, device):
-    """{layer: importance} for every candidate; each is removed in turn and then put back."""
+    """(R(M), {layer: importance}, {layer: [importance per seed set]}) for every candidate; each is
+    removed in turn and then put back. Every probe prompt is sampled with --probe-seeds seed sets."""
     from tqdm import tqdm
 
-    cond = models.encode_prompts(teacher, prompts).to(device)
-    seeds = [args.seed + i for i in range(len(prompts))]
+    S = args.probe_seeds
+    prompts_all = [p for _ in range(S) for p in prompts]                       # S sets of the probe prompts
+    seeds = [args.seed + 10007 * s + i for s in range(S) for i in range(len(prompts))]
+    cond = models.encode_prompts(teacher, prompts_all).to(device)
     settings = models.sampling_settings(args, family)
     if args.importance == "reward":
         import rewards
 
         scorer = rewards.get_scorer(args.scorer, args.scorer_path, device)
         uncond = models.encode_prompts(teacher, [""]).to(device)
-        measure = lambda: probe_reward(teacher, unet, scorer, cond, uncond, prompts, seeds, settings, args.batch_size)
+        measure = lambda: probe_reward(teacher, unet, scorer, cond, uncond, prompts_all, seeds, settings,
+                                       args.batch_size)
     else:
         shape = models.latent_shape(teacher, settings["frames"], settings["height"], settings["width"])
         x_t = models.seeded_noise(seeds, shape).to(device)  # (N, C, F, h, w) ~ N(0, I)
         t = torch.linspace(0, teacher.scheduler.config.num_train_timesteps - 1, args.timesteps).long()
         eps_teacher = predictions(family, teacher.unet, cond, x_t, t)  # (K, N, C, F, h, w), computed once
-        # higher = better, like a reward: minus the error against the teacher
-        measure = lambda: -(predictions(family, unet, cond, x_t, t) - eps_teacher).pow(2).mean().item()
-    base = measure()
-    table = {}
+        # higher = better, like a reward: minus the error against the teacher, per probe input
+        measure = lambda: -(predictions(family, unet, cond, x_t, t) - eps_teacher).pow(2).mean(dim=(0, 2, 3, 4, 5))
+    per_set = lambda r: r.view(S, len(prompts)).mean(1)  # (S,): R of each seed set
+    base = per_set(measure())
+    table, by_set = {}, {}
     for path, _ in tqdm(cands, desc=f"importance ({args.importance})"):
         parent_name, _, child = path.rpartition(".")
         parent = unet.get_submodule(parent_name) if parent_name else unet
         original = parent.get_submodule(child)
         models.remove_layers(unet, [path])
-        table[path] = base - measure()  # dR_l = R(M) - R(M without l)
+        d = base - per_set(measure())  # dR_l = R(M) - R(M without l), per seed set
+        by_set[path], table[path] = d.tolist(), d.mean().item()
         if isinstance(parent, torch.nn.ModuleList):
             parent[int(child)] = original
         else:
             setattr(parent, child, original)
-    return base, table
+    return base.mean().item(), table, by_set
+
+
+def stored_importance(path, teacher, cands):
+    """{layer: importance} from a prune.py checkpoint's metadata, for every candidate of this student."""
+    from safetensors import safe_open
+
+    models.check_student(path, models.read_student_meta(path), teacher)
+    with safe_open(path, "pt") as f:
+        rows = json.loads((f.metadata() or {}).get("importance", "[]"))
+    table = {r["layer"]: r["importance"] for r in rows}
+    missing = [p for p, _ in cands if p not in table]
+    if missing:
+        raise models.UserError(f"{path}: its importance table has no entry for candidate {missing[0]}")
+    return {p: table[p] for p, _ in cands}
 
 
 def select(cands, table, current, target):
-    """Remove the least important layers first until the parameter count reaches the target."""
+    """Remove the least important layers first, skipping any that would cross the target, then close
+    the gap with the least important layer that crosses it: the result is at or below the target by
+    less than one layer (never a large layer dropped just to cover a small remainder)."""
     chosen = []
-    for path, n in sorted(cands, key=lambda c: (table[c[0]], -c[1])):
-        if current <= target:
-            break
-        chosen.append(path)
-        current -= n
+    ranked = sorted(cands, key=lambda c: (table[c[0]], -c[1]))
+    for path, n in ranked:
+        if current - n >= target:
+            chosen.append(path)
+            current -= n
+    if current > target:
+        crossing = [(p, n) for p, n in ranked if p not in chosen and current - n < target]
+        if crossing:  # the least important of the layers that finish the round
+            path, n = crossing[0]
+            chosen.append(path)
+            current -= n
     return chosen, current
 
 
@@ -220,42 +275,66 @@ def main(args):
         return
     if not args.out:
         raise models.UserError("--out is required (or use --architecture-only)")
-    if bool(args.target_params) == bool(args.target_ratio):
-        raise models.UserError("give exactly one of --target-params and --target-ratio")
+    if not args.layers_from and bool(args.target_params) == bool(args.target_ratio):
+        raise models.UserError("give exactly one of --target-params and --target-ratio (or --layers-from)")
     if args.target_ratio and not 0 < args.target_ratio <= 1:
         raise models.UserError(f"--target-ratio must be in (0, 1], got {args.target_ratio}")
-    if not args.prompts:
+    if args.probe_seeds < 1:
+        raise models.UserError(f"--probe-seeds must be >= 1 (got {args.probe_seeds})")
+    if not args.prompts and not args.layers_from and not args.importance_from:
         raise models.UserError("--prompts is required: the probe prompt file")
-    prompts = models.read_prompts(args.prompts)[:args.num_prompts]
+    prompts = models.read_prompts(args.prompts)[:args.num_prompts] if args.prompts else []
     device = models.resolve_device(args.device)
     torch.manual_seed(args.seed)
     teacher = models.load_teacher(family, args.teacher, args.motion_adapter, device)
     unet, meta = models.load_model(teacher, args.student)
     unet.eval().requires_grad_(False)
     full = models.count_params(family, teacher.unet)
-    target = args.target_params or round(args.target_ratio * full)
     current = models.count_params(family, unet)
     cands = candidates(family, unet)
     t0 = time.time()
-    if current <= target:
-        print(f"prune: already at {current:,} <= target {target:,}; nothing removed")
-        base, table = None, {}
-        chosen = []
+    table, by_set, base, stability = {}, {}, None, None
+    if args.layers_from:  # a mask made elsewhere: the same layers, whatever this student's weights
+        mask = models.check_student(args.layers_from, models.read_student_meta(args.layers_from), teacher)["removed"]
+        missing = [p for p in meta["removed"] if p not in mask]
+        if missing:
+            raise models.UserError(f"{args.layers_from}: keeps layer {missing[0]}, which --student already removed")
+        chosen = [p for p in mask if p not in meta["removed"]]
+        target = current - sum(n for p, n in cands if p in chosen)
     else:
-        base, table = importance(args, family, unet, teacher, cands, prompts, device)
-        chosen, _ = select(cands, table, current, target)
-        models.remove_layers(unet, chosen)
+        target = args.target_params or round(args.target_ratio * full)
+        if current <= target:
+            print(f"prune: already at {current:,} <= target {target:,}; nothing removed")
+            chosen = []
+        elif args.importance_from:
+            table = stored_importance(args.importance_from, teacher, cands)
+            by_set = {p: [] for p in table}
+            chosen, _ = select(cands, table, current, target)
+        else:
+            base, table, by_set = importance(args, family, unet, teacher, cands, prompts, device)
+            chosen, _ = select(cands, table, current, target)
+            if args.probe_seeds >= 2:
+                stability = spearman([by_set[p][0] for p, _ in cands], [by_set[p][1] for p, _ in cands])
+    models.remove_layers(unet, chosen)
     after = models.count_params(family, unet)
-    rows = [{"layer": p, "kind": kind_of(p), "params": n, "importance": table[p], "removed": p in chosen}
-            for p, n in sorted(cands, key=lambda c: table.get(c[0], 0.0))] if table else []
-    print(f"{'layer':48s} {'params':>12s} {'importance':>12s}")
+    rows = [{"layer": p, "kind": kind_of(p), "params": n, "importance": table[p], "by_seed_set": by_set[p],
+             "removed": p in chosen} for p, n in sorted(cands, key=lambda c: table.get(c[0], 0.0))] if table else []
+    print(f"{'layer':48s} {'params':>12s} {'importance':>12s}  per seed set")
     for r in rows:
-        print(f"{r['layer']:48s} {r['params']:12,d} {r['importance']:12.5f}{'  removed' if r['removed'] else ''}")
+        print(f"{r['layer']:48s} {r['params']:12,d} {r['importance']:12.5f}  "
+              f"{' '.join(f'{v:8.5f}' for v in r['by_seed_set'])}{'  removed' if r['removed'] else ''}")
+    if stability is not None:
+        print(f"prune: rank correlation (Spearman) of the importances from seed sets 1 and 2: {stability:.3f} "
+              f"({len(cands)} candidates, {len(prompts)} probe prompts, {models.sampling_settings(args, family)['steps']}"
+              f" DDIM steps)")
     round_ = int(meta.get("round", 0)) + 1
     models.save_student(args.out, family, unet, teacher, round_, args, stage="prune", importance=rows,
-                        base_reward=base, removed_now=chosen, seconds=round(time.time() - t0, 1))
+                        base_reward=base, removed_now=chosen, importance_rank_correlation=stability,
+                        mask_from=os.path.abspath(args.layers_from) if args.layers_from else "",
+                        seconds=round(time.time() - t0, 1))
+    how = f"the mask of {args.layers_from}" if args.layers_from else f"target {target:,}"
     print(f"prune: {len(chosen)} layers removed, {current:,} -> {after:,} prunable parameters "
-          f"({after / full:.1%} of the teacher's {full:,}; target {target:,}); wrote {args.out}")
+          f"({after / full:.1%} of the teacher's {full:,}; {how}); wrote {args.out}")
 
 
 if __name__ == "__main__":

@@ -5,7 +5,11 @@ cached latents and text embeddings, the teacher folder, and a student checkpoint
 Output: the trained student checkpoint (same format) and a JSONL training log beside it.
 Training never runs the VAE or the text encoder. One step = one student forward+backward on
 [winners; losers] with a shared t and eps, and one teacher forward under no_grad whose output is
-both the DPO reference and the SFT target.
+both the DPO reference and the SFT target. With probability --uncond-prob a pair is trained on the
+empty prompt instead of its own (both members), so the unconditional branch that classifier-free
+guidance uses at sampling time is distilled too. Every --log-every steps the log adds the gradient
+norms of the DPO and SFT terms taken apart, the DPO margin, and the student's distance to the teacher
+(conditional and unconditional) on held-out pairs that are never trained on.
 
 Tiny CPU:  python redpo.py --model toy --pairs runs/pairs.jsonl --student runs/pruned.safetensors \
                --out runs/redpo.safetensors --max-steps 50
@@ -48,7 +52,12 @@ def get_parser():
     p.add_argument("--batch-size", type=int, default=4, help="pairs per micro-batch per process")
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
     p.add_argument("--max-steps", type=int, default=100, help="optimizer steps")
-    p.add_argument("--log-every", type=int, default=10, help="log one line every N steps")
+    p.add_argument("--uncond-prob", type=float, default=0.1,
+                   help="prompt dropout: probability that a pair trains on the empty prompt (both members)")
+    p.add_argument("--heldout-pairs", type=int, default=-1,
+                   help="pairs kept out of training to measure the distance to the teacher (-1 = auto: n/10, at most 8)")
+    p.add_argument("--log-every", type=int, default=10,
+                   help="every N steps: one log line, term-wise gradient norms, held-out distance to the teacher")
     p.add_argument("--no-x0-rescale", action="store_true", help="vc2: noise x0 without VC2's scale_t")
     p.add_argument("--grad-checkpointing", action="store_true", help="recompute UNet blocks in backward")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
@@ -97,7 +106,7 @@ def redpo_loss_reference(eps_theta, eps_ref, eps, beta=5000.0, w_sft=1.0, loss_t
     else:
         loss = L_sft.mean()
     stats = {"dpo": L_dpo.mean().detach(), "sft": L_sft.mean().detach(),
-             "implicit_acc": (inside > 0).float().mean().detach()}
+             "implicit_acc": (inside > 0).float().mean().detach(), "margin": inside.mean().detach()}
     return loss, stats
 
 
@@ -121,7 +130,8 @@ def redpo_loss(eps_theta, eps_ref, eps, beta=5000.0, w_sft=1.0, loss_type="redpo
     L_sft = (eps_theta[:B] - target_w).pow(2).flatten(1).mean(1)  # (B,)
     per_sample = {"redpo": L_dpo + w_sft * L_sft, "dpo": L_dpo, "sft": L_sft}[loss_type]
     stats = {"dpo": L_dpo.mean().detach(), "sft": L_sft.mean().detach(),
-             "implicit_acc": (inside > 0).float().mean().detach()}
+             "implicit_acc": (inside > 0).float().mean().detach(), "margin": inside.mean().detach(),
+             "dpo_term": L_dpo.mean(), "sft_term": L_sft.mean()}  # the last two keep their graph (grad norms)
     return per_sample.mean(), stats
 
 
@@ -178,15 +188,76 @@ def trainable_parameters(family, unet):
     return params
 
 
+def train_step(family, scheduler, student, teacher_unet, reference, batch, args, use_bf16, device, loss_fn=redpo_loss):
+    """One micro-batch of ReDPO: noise [winners; losers] with a shared t and eps, one student forward
+    (with grad), one teacher forward (no grad) as DPO reference and SFT target. Returns (loss, stats)."""
+    x0_w, x0_l, emb = batch
+    B = x0_w.shape[0]
+    T = scheduler.config.num_train_timesteps
+    x0 = torch.cat([x0_w, x0_l])                                     # (2B, C, F, h, w): [winners; losers]
+    t = torch.randint(0, T, (B,), device=device).repeat(2)           # (2B,) shared t per pair
+    eps = torch.randn_like(x0_w).repeat(2, 1, 1, 1, 1)               # (2B, C, F, h, w) shared noise
+    x_t = models.add_noise(family, scheduler, x0, eps, t, not args.no_x0_rescale)
+    emb2 = torch.cat([emb, emb])                                     # (2B, L, D)
+    with torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=use_bf16):
+        with torch.no_grad():
+            eps_teacher = models.predict_noise(family, teacher_unet, x_t, t, emb2)
+            eps_ref, eps_teacher_w = eps_teacher, None
+            if reference is not None:  # DPO against the initial student, SFT still on the teacher
+                eps_ref, eps_teacher_w = models.predict_noise(family, reference, x_t, t, emb2), eps_teacher[:B]
+        eps_theta = models.predict_noise(family, student, x_t, t, emb2)
+    return loss_fn(eps_theta, eps_ref, eps, args.beta, args.w_sft, args.loss, args.sft_target, eps_teacher_w)
+
+
+def grad_norm_of(term, params):
+    """The L2 norm of d term / d params (graph kept for the real backward)."""
+    grads = torch.autograd.grad(term, params, retain_graph=True, allow_unused=True)
+    return torch.sqrt(sum(g.float().pow(2).sum() for g in grads if g is not None)).item()
+
+
+@torch.no_grad()
+def teacher_distance(family, scheduler, student, teacher_unet, heldout, uncond, args, use_bf16, device):
+    """Mean |eps_student - eps_teacher|^2 on held-out winners at fixed t and noise: with their prompts
+    (cond) and with the empty prompt (uncond, the branch CFG extrapolates from)."""
+    x0_w, emb = heldout
+    g = torch.Generator().manual_seed(1234)
+    T = scheduler.config.num_train_timesteps
+    t = torch.randint(0, T, (x0_w.shape[0],), generator=g).to(device)
+    eps = torch.randn(x0_w.shape, generator=g).to(device)
+    x_t = models.add_noise(family, scheduler, x0_w.to(device), eps, t, not args.no_x0_rescale)
+    out = {}
+    for name, e in (("cond", emb.to(device)), ("uncond", uncond.expand_as(emb).to(device))):
+        with torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=use_bf16):
+            d = models.predict_noise(family, student, x_t, t, e).float() - models.predict_noise(
+                family, teacher_unet, x_t, t, e).float()
+        out[name] = d.pow(2).mean().item()
+    return out
+
+
+def split_heldout(n_pairs, requested, seed):
+    """(train indices, held-out indices): a seeded choice of pairs never trained on."""
+    k = requested if requested >= 0 else (min(8, n_pairs // 10) if n_pairs >= 10 else 0)
+    if k >= n_pairs:
+        raise models.UserError(f"--heldout-pairs {k} leaves no pair to train on ({n_pairs} pairs)")
+    perm = torch.randperm(n_pairs, generator=torch.Generator().manual_seed(seed + 7919))
+    return perm[k:].sort().values, perm[:k].sort().values
+
+
 def main(args):
     rank, world, device = models.dist_setup(args.device)
     family = models.get_family(args.model)
     lr = args.lr or family.lr
     use_bf16 = args.precision == "bf16" or (args.precision == "auto" and device.startswith("cuda"))
-    torch.manual_seed(args.seed + rank)
+    if not 0 <= args.uncond_prob <= 1:
+        raise models.UserError(f"--uncond-prob must be in [0, 1] (got {args.uncond_prob})")
 
     x0_w_all, x0_l_all, emb_all = load_pairs(args.pairs)  # validate inputs before any heavy work
+    train_idx, held_idx = split_heldout(x0_w_all.shape[0], args.heldout_pairs, args.seed)
+    heldout = (x0_w_all[held_idx], emb_all[held_idx]) if len(held_idx) else (x0_w_all[:4], emb_all[:4])
+    x0_w_all, x0_l_all, emb_all = x0_w_all[train_idx], x0_l_all[train_idx], emb_all[train_idx]
+    torch.manual_seed(args.seed + rank)
     teacher = models.load_teacher(family, args.teacher, args.motion_adapter, device)
+    uncond = models.encode_prompts(teacher, [""]).to(device)  # (1, L, D): the empty prompt
     student, meta = models.load_model(teacher, args.student)
     params = trainable_parameters(family, student)
     student.eval()  # dropout off (diffusers' temporal convs have 0.1): the student is compared with a
@@ -203,60 +274,64 @@ def main(args):
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=args.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, args.warmup)))
     scheduler = teacher.scheduler
-    T = scheduler.config.num_train_timesteps
     n_pairs = x0_w_all.shape[0]
     order, cursor = torch.randperm(n_pairs), 0
     log, t0, last = [], time.time(), time.time()
     if rank == 0:
-        print(f"redpo: {n_pairs} pairs, {sum(p.numel() for p in params):,} trainable parameters, "
-              f"loss={args.loss} beta={args.beta} w_sft={args.w_sft} reference={args.reference} lr={lr:g} "
-              f"world={world} device={device}")
+        print(f"redpo: {n_pairs} pairs to train on ({len(held_idx)} held out), "
+              f"{sum(p.numel() for p in params):,} trainable parameters, loss={args.loss} beta={args.beta} "
+              f"w_sft={args.w_sft} reference={args.reference} uncond_prob={args.uncond_prob} lr={lr:g} "
+              f"steps={args.max_steps} (~{args.max_steps * args.batch_size * args.grad_accum * world / n_pairs:.1f} "
+              f"epochs) world={world} device={device}")
     from tqdm import tqdm
 
     for step in tqdm(range(1, args.max_steps + 1), desc="redpo", disable=rank != 0):
-        totals = {"loss": 0.0, "dpo": 0.0, "sft": 0.0, "implicit_acc": 0.0}
+        logging = step % args.log_every == 0 or step == args.max_steps or step == 1
+        totals = {"loss": 0.0, "dpo": 0.0, "sft": 0.0, "implicit_acc": 0.0, "margin": 0.0}
+        row = {"step": step}
         for micro in range(args.grad_accum):
             if cursor + args.batch_size > n_pairs:
                 order, cursor = torch.randperm(n_pairs), 0
             idx = order[cursor:cursor + args.batch_size]
             cursor += args.batch_size
-            x0_w, x0_l, emb = x0_w_all[idx].to(device), x0_l_all[idx].to(device), emb_all[idx].to(device)
-            B = x0_w.shape[0]
-            x0 = torch.cat([x0_w, x0_l])                                     # (2B, C, F, h, w): [winners; losers]
-            t = torch.randint(0, T, (B,), device=device).repeat(2)           # (2B,) shared t per pair
-            eps = torch.randn_like(x0_w).repeat(2, 1, 1, 1, 1)               # (2B, C, F, h, w) shared noise
-            x_t = models.add_noise(family, scheduler, x0, eps, t, not args.no_x0_rescale)
-            emb2 = torch.cat([emb, emb])                                     # (2B, L, D)
-            with torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=use_bf16):
-                with torch.no_grad():
-                    eps_teacher = models.predict_noise(family, teacher.unet, x_t, t, emb2)
-                    eps_ref, eps_teacher_w = eps_teacher, None
-                    if reference is not None:  # DPO against the initial student, SFT still on the teacher
-                        eps_ref, eps_teacher_w = models.predict_noise(family, reference, x_t, t, emb2), eps_teacher[:B]
-                eps_theta = models.predict_noise(family, model, x_t, t, emb2)
-            loss, stats = loss_fn(eps_theta, eps_ref, eps, args.beta, args.w_sft, args.loss, args.sft_target,
-                                  eps_teacher_w)
+            emb = emb_all[idx].to(device)
+            drop = torch.rand(len(idx)) < args.uncond_prob  # prompt dropout, one draw per pair
+            emb = torch.where(drop.to(device).view(-1, 1, 1), uncond.expand_as(emb), emb)
+            batch = (x0_w_all[idx].to(device), x0_l_all[idx].to(device), emb)
+            loss, stats = train_step(family, scheduler, model, teacher.unet, reference, batch, args, use_bf16, device,
+                                     loss_fn)
+            if logging and micro == 0 and world == 1:  # the two terms' gradients taken apart
+                row["grad_norm_dpo"] = round(grad_norm_of(stats["dpo_term"], params), 6)
+                row["grad_norm_sft"] = round(grad_norm_of(stats["sft_term"], params), 6)
             (loss / args.grad_accum).backward()
             totals["loss"] += loss.item() / args.grad_accum
-            for k in ("dpo", "sft", "implicit_acc"):
+            for k in ("dpo", "sft", "implicit_acc", "margin"):
                 totals[k] += stats[k].item() / args.grad_accum
         grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm if args.max_grad_norm > 0 else math.inf)
         lr_now = opt.param_groups[0]["lr"]
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
-        row = {"step": step, **{k: round(v, 6) for k, v in totals.items()}, "grad_norm": round(grad_norm.item(), 6),
-               "lr": lr_now}
+        row.update({**{k: round(v, 6) for k, v in totals.items()}, "grad_norm": round(grad_norm.item(), 6),
+                    "lr": lr_now})
+        if logging:
+            dist = teacher_distance(family, scheduler, student, teacher.unet, heldout, uncond, args, use_bf16, device)
+            row.update({f"dist_teacher_{k}": round(v, 6) for k, v in dist.items()})
         log.append(row)
-        if rank == 0 and (step % args.log_every == 0 or step == args.max_steps):
+        if rank == 0 and logging:
             rate = args.log_every / (time.time() - last) if step % args.log_every == 0 else step / (time.time() - t0)
             last = time.time()
+            norms = (f" | grad dpo {row['grad_norm_dpo']:.3g} sft {row['grad_norm_sft']:.3g}"
+                     if "grad_norm_dpo" in row else "")
             tqdm.write(f"step {step:5d} | loss {totals['loss']:.4f} | dpo {totals['dpo']:.4f} | sft {totals['sft']:.6f}"
-                       f" | implicit_acc {totals['implicit_acc']:.3f} | lr {row['lr']:.2e} | {rate:.2f} steps/s")
+                       f" | implicit_acc {totals['implicit_acc']:.3f} | margin {totals['margin']:.3g}{norms}"
+                       f" | dist_teacher {row['dist_teacher_cond']:.5f}/{row['dist_teacher_uncond']:.5f}"
+                       f" | lr {row['lr']:.2e} | {rate:.2f} steps/s")
     if rank == 0:
         seconds = time.time() - t0
         models.save_student(args.out, family, student, teacher, meta.get("round", "0"), args, stage="redpo",
-                            pairs=os.path.abspath(args.pairs), steps=args.max_steps, train_seconds=round(seconds, 1))
+                            pairs=os.path.abspath(args.pairs), steps=args.max_steps, train_seconds=round(seconds, 1),
+                            heldout_ids=[int(i) for i in held_idx])
         models.write_jsonl(os.path.splitext(args.out)[0] + ".log.jsonl", log)
         print(f"redpo: wrote {args.out} ({models.count_params(family, student):,} prunable parameters, "
               f"{args.max_steps} steps in {seconds:.1f}s)")

@@ -81,7 +81,8 @@ def test_side_by_side_panels_under_label_strips(evaluated, prompts_file):
     assert sbs["videos"] == [os.path.join("side_by_side", f"{p}.mp4") for p in read_prompts(prompts_file, 2)]
     for path in sbs["videos"]:
         v = models.read_video(str(out / path))
-        assert v.shape == (4, 16 + strip, 16 * 2, 3)  # (F, strip + H, models * W, 3)
+        k = sbs["scale"]
+        assert k == 8 and v.shape == (4, 16 * k + strip, 16 * k * 2, 3)  # (F, strip + kH, models * kW, 3)
         assert v[:, :strip].max() > 150  # the labels are written in white on black
 
 
@@ -142,7 +143,8 @@ def test_no_teacher_and_the_toy_judge(vc2_dir, pruned, prompts_file, tmp_path):
     assert report["scorer"]["name"] == "toy" and all(0 <= scores[d]["mean"] <= 1 for d in models.DIMS)
     assert scores["average"]["n"] == 2
     v = models.read_video(str(out / report["side_by_side"]["videos"][0]))
-    assert v.shape[1:3] == (16 + report["side_by_side"]["label_strip_px"], 16)  # one panel
+    k = report["side_by_side"]["scale"]
+    assert v.shape[1:3] == (16 * k + report["side_by_side"]["label_strip_px"], 16 * k)  # one panel
 
 
 def test_bad_input_is_a_one_line_error(vc2_dir, pruned, prompts_file, tmp_path, monkeypatch, capsys):

@@ -85,7 +85,7 @@ def test_curate_keywords_lengths_duplicates_relevance(tmp_path, capsys):
     (tmp_path / "pool.txt").write_text("\n".join(pool) + "\n")
     out = tmp_path / "cur" / "prompts.txt"
     call("--job", "curate", "--prompts", tmp_path / "pool.txt", "--targets", "dynamic_degree", "--out", out)
-    assert out.read_text().splitlines() == [words(5), words(25)]
+    assert sorted(out.read_text().splitlines()) == sorted([words(5), words(25)])
     summary = json.loads((tmp_path / "cur" / "prompts.json").read_text())
     assert [r["reason"] for r in summary["prompts"]] == ["too_short", "kept", "kept", "too_long", "duplicate",
                                                           "not_relevant", "not_relevant"]
@@ -97,8 +97,12 @@ def test_curate_keywords_lengths_duplicates_relevance(tmp_path, capsys):
     # other targets, other limits, --max-prompts, and --min-keep
     call("--job", "curate", "--prompts", tmp_path / "pool.txt", "--targets", "text_alignment,visual_quality",
          "--min-words", "4", "--max-words", "7", "--max-prompts", "2", "--batch-size", "1", "--out", out)
-    reasons = [r["reason"] for r in json.loads((tmp_path / "cur" / "prompts.json").read_text())["prompts"]]
-    assert reasons == ["kept", "kept", "too_long", "too_long", "duplicate", "too_long", "over_max_prompts"]
+    rows = json.loads((tmp_path / "cur" / "prompts.json").read_text())["prompts"]
+    assert [r["reason"] for r in rows][2:6] == ["too_long", "too_long", "duplicate", "too_long"]
+    assert sorted(r["reason"] for r in rows if r["words"] <= 7 and r["reason"] != "duplicate") == [
+        "kept", "kept", "over_max_prompts"]  # three relevant to both targets, two kept
+    # balance: the two red-square prompts share their words, so one of them gives way to the other prompt
+    assert "two blue balls above three green cubes" in out.read_text().splitlines()
     assert len(out.read_text().splitlines()) == 2
     with pytest.raises(models.UserError, match="only 3 of 7 prompts kept.*--min-keep 4"):
         call("--job", "curate", "--prompts", tmp_path / "pool.txt", "--targets", "all", "--min-keep", "4", "--out",
@@ -108,6 +112,35 @@ def test_curate_keywords_lengths_duplicates_relevance(tmp_path, capsys):
         call("--job", "curate", "--prompts", tmp_path / "pool.txt", "--targets", "bogus", "--out", out)
     with pytest.raises(models.UserError, match="needs --targets or --report"):
         call("--job", "curate", "--prompts", tmp_path / "pool.txt", "--out", out)
+
+
+def test_curation_ignores_the_pool_order_and_balances_attributes(tmp_path):
+    """A shuffled pool gives the same kept prompts in the same order; with --max-prompts the toy pool's
+    colors, shapes, directions and speeds come out balanced; prompts matching more targets come first."""
+    from toy import world
+
+    pool = world.pool_prompts()
+    kept = []
+    for n, order in enumerate((pool, pool[::-1], sorted(pool, key=lambda p: p[::-1]))):
+        (tmp_path / f"pool{n}.txt").write_text("\n".join(order) + "\n")
+        call("--job", "curate", "--prompts", tmp_path / f"pool{n}.txt", "--targets", "all", "--max-prompts", "16",
+             "--seed", "3", "--out", tmp_path / f"kept{n}.txt")
+        kept.append((tmp_path / f"kept{n}.txt").read_text().splitlines())
+    assert kept[0] == kept[1] == kept[2] and len(kept[0]) == 16
+    attrs = [world.parse_prompt(p) for p in kept[0]]
+    for key, values in (("color", world.COLORS), ("direction", world.DIRECTIONS), ("speed", world.SPEEDS)):
+        assert [sum(a[key] == v for a in attrs) for v in values] == [16 // len(values)] * len(values), key
+    assert max(sum(a["shape"] == s for a in attrs) for s in world.SHAPES) <= 6
+    # another seed breaks ties differently; a prompt relevant to more targets is kept before the others
+    call("--job", "curate", "--prompts", tmp_path / "pool0.txt", "--targets", "all", "--max-prompts", "16",
+         "--seed", "4", "--out", tmp_path / "other.txt")
+    assert (tmp_path / "other.txt").read_text().splitlines() != kept[0]
+    mixed = ["a red square moving left quickly", "a dog walking steadily across the street",
+             "a detailed sharp portrait of an old man", "a still photo of an old chair today"]
+    (tmp_path / "mixed.txt").write_text("\n".join(mixed) + "\n")
+    call("--job", "curate", "--prompts", tmp_path / "mixed.txt", "--targets", "all", "--max-prompts", "1",
+         "--out", tmp_path / "one.txt")
+    assert (tmp_path / "one.txt").read_text().splitlines() == ["a red square moving left quickly"]  # 4 targets
 
 
 def write_report(path, *models_means):
@@ -133,7 +166,8 @@ def test_targets_from_an_evaluate_report(tmp_path, capsys):
         return json.loads(summary.read_text())["targets"]
 
     assert targets("--report", report) == [VQ]  # the last non-teacher model
-    assert out.read_text().splitlines() == ["a red square moving left quickly", "a detailed sharp portrait of an old man"]
+    assert sorted(out.read_text().splitlines()) == ["a detailed sharp portrait of an old man",
+                                                    "a red square moving left quickly"]
     assert targets("--report", report, "--student-label", "pruned") == [TC, TA]
     assert targets("--report", report, "--student-label", "pruned", "--margin", "0.08") == [TC]
     better = write_report(tmp_path / "better.json", ("teacher", dims(0.5, 0.5, 0.5, 0.5)),
@@ -189,7 +223,7 @@ def test_llm_curator_answers_yes_or_no_deterministically(tiny_llm, tmp_path):
         for r in judged:
             assert set(r["llm"]) == {"yes", "no"} and all(math.isfinite(v) for v in r["llm"].values())
             assert r["kept"] == (r["llm"]["yes"] > r["llm"]["no"]) == (r["reason"] == "kept")
-        assert out.read_text().splitlines() == [r["prompt"] for r in judged if r["kept"]]
+        assert sorted(out.read_text().splitlines()) == sorted(r["prompt"] for r in judged if r["kept"])
         decisions.append([(r["llm"]["yes"], r["llm"]["no"]) for r in judged])
     assert decisions[0] == decisions[1]  # deterministic
     assert np.allclose(decisions[0], decisions[2], atol=1e-5)  # right padding in a batch changes nothing

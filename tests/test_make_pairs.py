@@ -14,7 +14,8 @@ def test_pairs_schema_videos_and_latents(pairs):
     rows = models.read_jsonl(os.path.join(out, "pairs.jsonl"))
     assert [r["prompt"] for r in rows] == PROMPTS and len({r["id"] for r in rows}) == len(rows)
     for r in rows:
-        assert set(r) == {"id", "prompt", "seed", "winner", "loser", "text_emb"}
+        assert set(r) == {"id", "prompt", "seed", "round", "sample", "winner", "loser", "text_emb"}
+        assert r["round"] == 0 and r["sample"] == 0
         assert r["winner"]["model"] == "teacher" and r["loser"]["model"] == "student"
         for side in ("winner", "loser"):
             video = models.read_video(os.path.join(out, r[side]["video"]))
@@ -63,3 +64,26 @@ def test_missing_prompt_file_is_a_one_line_error(vc2_dir, tmp_path):
                "--out-dir", tmp_path / "o", check=False)
     assert proc.returncode == 2 and "none.txt: no such file" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_samples_per_prompt_and_rounds_get_fresh_seeds(vc2_dir, pruned, prompts_file, tmp_path):
+    """K pairs a prompt, each from its own seed; another round gives every prompt new seeds (and new
+    teacher videos), so a round never trains on the previous round's winners."""
+    import make_pairs
+
+    rows = {}
+    for r in (1, 2):
+        make_pairs.main(make_pairs.get_parser().parse_args([
+            "--model", "vc2", "--teacher", vc2_dir, "--student", pruned, "--prompts", prompts_file, "--out-dir",
+            str(tmp_path / f"r{r}"), "--teacher-cache", str(tmp_path / "cache"), "--samples-per-prompt", "2",
+            "--round", str(r), *TINY_SAMPLING]))
+        rows[r] = models.read_jsonl(str(tmp_path / f"r{r}" / "pairs.jsonl"))
+    for r in (1, 2):
+        assert len(rows[r]) == 2 * len(PROMPTS) and len({x["id"] for x in rows[r]}) == len(rows[r])
+        assert sorted((x["prompt"], x["sample"]) for x in rows[r]) == sorted((p, k) for p in PROMPTS for k in (0, 1))
+        assert all(x["round"] == r for x in rows[r])
+    seeds = [x["seed"] for r in (1, 2) for x in rows[r]]
+    assert len(set(seeds)) == len(seeds)  # every pair of every round starts from its own noise
+    assert len(os.listdir(tmp_path / "cache")) == 2 * len(seeds)  # a teacher video (mp4 + latents) each
+    w = [load_file(str(tmp_path / "r1" / x["winner"]["latents"]))["latents"] for x in rows[1][:2]]
+    assert not torch.allclose(w[0], w[1])  # the same prompt's two samples differ

@@ -19,7 +19,8 @@ def loop_args(model, teacher_args, work, prompts):
     return ["--model", model, *teacher_args, "--work-dir", work, "--prompt-pool", prompts, "--probe-prompts", prompts,
             "--eval-prompts", prompts, "--rounds", "2", "--final-ratio", "0.6", "--train-steps", "2",
             "--train-batch-size", "2", "--num-probe", "2", "--steps", "3", "--frames", "4", "--height", "16",
-            "--width", "16", "--probe-steps", "2", "--importance", "output", "--no-filter", "--lr", "1e-3"]
+            "--width", "16", "--probe-steps", "2", "--importance", "output", "--no-filter", "--scorer", "toy",
+            "--lr", "1e-3"]
 
 
 @pytest.fixture(scope="module")
@@ -93,9 +94,9 @@ def test_budgets_reach_the_final_ratio():
     assert online_loop.budgets(2, 0.6, "linear") == pytest.approx([0.8, 0.6])
 
 
-def test_missing_prompts_for_a_real_family_is_a_one_line_error(tmp_path):
-    proc = run("online_loop.py", "--model", "vc2", "--work-dir", tmp_path / "w", check=False)
-    assert proc.returncode == 2 and "--prompt-pool is required" in proc.stderr and not (tmp_path / "w").exists()
+def test_missing_prompt_file_is_a_one_line_error(tmp_path):  # real families' folders: test_real_defaults.py
+    proc = run("online_loop.py", "--prompt-pool", tmp_path / "none.txt", "--work-dir", tmp_path / "w", check=False)
+    assert proc.returncode == 2 and "none.txt: no such file" in proc.stderr and not (tmp_path / "w").exists()
 
 
 def test_the_embedded_toy_loop_with_reduced_settings(tmp_path):

@@ -53,6 +53,21 @@ def test_select_removes_least_important_until_budget():
     table = {"a": 0.5, "b": -0.1, "c": 0.2, "d": 0.9}
     assert prune.select(cands, table, 100, 75) == (["b", "c"], 50)
     assert prune.select(cands, table, 100, 100) == ([], 100)
+    # a large unimportant layer is not dropped to cover a small remainder: layers that fit go first
+    cands = [("big", 60), ("s1", 3), ("s2", 2), ("s3", 4)]
+    table = {"big": -1.0, "s1": 0.1, "s2": 0.2, "s3": 0.3}
+    assert prune.select(cands, table, 100, 95) == (["s1", "s2"], 95)
+    # when no layer fits, the least important of those that cross the target finishes the round
+    assert prune.select(cands, table, 100, 99) == (["big"], 40)
+    table["big"] = 1.0
+    assert prune.select(cands, table, 100, 99) == (["s1"], 97)
+
+
+def test_spearman_on_hand_made_rankings():
+    assert prune.spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert prune.spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    assert prune.spearman([1, 2, 3, 4, 5], [2, 1, 4, 3, 5]) == pytest.approx(0.8)  # 1 - 6*4/(5*24)
+    assert prune.spearman([1, 1, 2], [1, 2, 3]) == pytest.approx(0.866025, abs=1e-5)  # ties share a rank
 
 
 def test_output_importance_prunes_to_target(pruned, vc2_dir):
@@ -77,6 +92,23 @@ def test_reward_importance_prunes_further_from_a_student(pruned, vc2_dir, prompt
     assert int(meta["prunable_params"]) <= 0.6 * int(meta["teacher_prunable_params"])
     assert isinstance(json.loads(meta["base_reward"]), float) and "layers removed" in proc.stdout
     assert json.loads(meta["args"])["importance"] == "reward"
+    # two probe seed sets: each layer's importance per set, their mean, and the sets' rank correlation
+    rho = json.loads(meta["importance_rank_correlation"])
+    assert -1 <= rho <= 1 and f"seed sets 1 and 2: {rho:.3f}" in proc.stdout
+    for r in json.loads(meta["importance"]):
+        assert len(r["by_seed_set"]) == 2 and r["importance"] == pytest.approx(sum(r["by_seed_set"]) / 2)
+
+    # the same mask again, without measuring: from the checkpoint's layers, or from its stored table
+    again = tmp_path / "again.safetensors"
+    run("prune.py", "--model", "vc2", "--teacher", vc2_dir, "--student", pruned, "--layers-from", out, "--out", again)
+    assert models.read_student_meta(str(again))["removed"] == meta["removed"]
+    table = tmp_path / "table.safetensors"
+    run("prune.py", "--model", "vc2", "--teacher", vc2_dir, "--student", pruned, "--importance-from", out,
+        "--target-ratio", "0.6", "--out", table)
+    assert sorted(models.read_student_meta(str(table))["removed"]) == sorted(meta["removed"])
+    proc = run("prune.py", "--model", "vc2", "--teacher", vc2_dir, "--layers-from", pruned, "--student", out,
+               "--out", tmp_path / "bad.safetensors", check=False)
+    assert proc.returncode == 2 and "already removed" in proc.stderr and not (tmp_path / "bad.safetensors").exists()
 
 
 def test_bad_arguments_are_one_line_errors(vc2_dir, prompts_file, tmp_path):

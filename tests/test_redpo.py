@@ -101,7 +101,9 @@ def test_training_changes_parameters_and_records_provenance(vc2_dir, pruned, pai
                os.path.join(pairs[0], "pairs.jsonl"), "--out", out, "--max-steps", "4", "--log-every", "2",
                "--batch-size", "2", "--lr", "1e-3", "--warmup", "2", "--grad-accum", "2")
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("step ")]
-    assert len(lines) == 2 and all(k in lines[0] for k in ("loss", "dpo", "sft", "implicit_acc", "lr", "steps/s"))
+    assert [int(ln.split()[1]) for ln in lines] == [1, 2, 4]  # the first step, then every --log-every
+    assert all(k in lines[0] for k in ("loss", "dpo", "sft", "implicit_acc", "margin", "grad dpo", "dist_teacher",
+                                       "lr", "steps/s"))
     before = load_file(pruned)
     assert set(load_file(out)) == set(before)  # the same pruned architecture
     assert len(changed(before, out)) > len(before) // 2
@@ -111,6 +113,61 @@ def test_training_changes_parameters_and_records_provenance(vc2_dir, pruned, pai
     log = [json.loads(ln) for ln in open(tmp_path / "student.log.jsonl")]
     assert [r["step"] for r in log] == [1, 2, 3, 4] and all(math.isfinite(r["loss"]) for r in log)
     assert log[0]["lr"] == pytest.approx(5e-4) and log[1]["lr"] == pytest.approx(1e-3)  # warmup
+    # the balance of the loss, logged at steps 1, 2, 4: each term's gradient norm, the margin, the
+    # held-out distance to the teacher with and without the prompt
+    for r in (log[0], log[1], log[3]):
+        assert r["grad_norm_dpo"] > 0 and r["grad_norm_sft"] > 0 and math.isfinite(r["margin"])
+        assert r["dist_teacher_cond"] > 0 and r["dist_teacher_uncond"] > 0
+    assert "grad_norm_dpo" not in log[2] and "dist_teacher_cond" not in log[2]
+
+
+def test_term_gradient_norms_are_those_of_each_term_alone():
+    """grad_norm_of on one term equals the norm of a backward of that term by itself."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(6, 6)
+    eps = torch.randn(2, 1, 1, 1, 6).repeat(2, 1, 1, 1, 1)
+    eps_ref = eps + 0.1 * torch.randn_like(eps)
+    params = list(lin.parameters())
+    _, stats = redpo.redpo_loss(lin(eps + 0.2), eps_ref, eps, beta=50.0)
+    norms = {k: redpo.grad_norm_of(stats[f"{k}_term"], params) for k in ("dpo", "sft")}
+    for k in ("dpo", "sft"):
+        lin.zero_grad()
+        redpo.redpo_loss(lin(eps + 0.2), eps_ref, eps, beta=50.0, loss_type=k)[0].backward()
+        assert norms[k] == pytest.approx(torch.cat([p.grad.flatten() for p in params]).norm().item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("p_uncond", [0.0, 1.0])
+def test_prompt_dropout_reaches_the_unconditional_branch(vc2_dir, pruned, pairs, tmp_path, monkeypatch, p_uncond):
+    """With --uncond-prob 1 every training forward sees the empty prompt's embedding (both members of
+    every pair); with 0 none does."""
+    teacher = models.load_teacher(models.get_family("vc2"), vc2_dir)
+    uncond = models.encode_prompts(teacher, [""])[0]
+    seen = []
+    real = models.predict_noise
+
+    def spy(family, unet, x_t, t, emb):
+        if torch.is_grad_enabled() and x_t.shape[0] == emb.shape[0] and emb.shape[0] % 2 == 0:
+            seen.append(torch.tensor([torch.allclose(e, uncond) for e in emb]))
+        return real(family, unet, x_t, t, emb)
+
+    monkeypatch.setattr(models, "predict_noise", spy)
+    out = str(tmp_path / "s.safetensors")
+    redpo.main(redpo.get_parser().parse_args([
+        "--model", "vc2", "--teacher", vc2_dir, "--student", pruned, "--pairs", os.path.join(pairs[0], "pairs.jsonl"),
+        "--out", out, "--max-steps", "3", "--batch-size", "2", "--lr", "1e-3", "--loss", "sft",
+        "--uncond-prob", str(p_uncond), "--heldout-pairs", "0", "--log-every", "100"]))
+    flags = torch.cat(seen)
+    assert len(flags) >= 3 * 4  # 3 steps of [2 winners; 2 losers] through the student
+    assert bool(flags.all()) if p_uncond == 1.0 else not bool(flags.any())
+
+
+def test_heldout_pairs_are_never_trained_on():
+    train, held = redpo.split_heldout(40, -1, seed=0)
+    assert len(held) == 4 and len(train) == 36 and not set(train.tolist()) & set(held.tolist())
+    assert torch.equal(held, redpo.split_heldout(40, -1, seed=0)[1])  # seeded
+    assert len(redpo.split_heldout(9, -1, seed=0)[1]) == 0 and len(redpo.split_heldout(200, -1, seed=0)[1]) == 8
+    with pytest.raises(models.UserError):
+        redpo.split_heldout(3, 3, seed=0)
 
 
 @pytest.mark.parametrize("flags", [

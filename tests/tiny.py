@@ -29,13 +29,14 @@ def _common(path, seed, max_length):
     DDIMScheduler(**VC2_SCHEDULER).save_pretrained(os.path.join(path, "scheduler"))
 
 
-def make_vc2(path, seed=0, max_length=16):
-    """A VC2-layout teacher folder (the layout TextToVideoSDPipeline saves) with a tiny random UNet.
+def make_vc2(path, seed=0, max_length=16, **unet_config):
+    """A VC2-layout teacher folder (the layout TextToVideoSDPipeline saves) with a tiny random UNet
+    (TINY_UNET3D, entries overridden by `unet_config`).
     The UNet's last conv is re-initialised so the random model's outputs are not all zero."""
     from diffusers import UNet3DConditionModel
 
     _common(path, seed, max_length)
-    unet = UNet3DConditionModel(**TINY_UNET3D)
+    unet = UNet3DConditionModel(**{**TINY_UNET3D, **unet_config})
     for name, p in unet.named_parameters():  # diffusers zero-inits temporal convs' last layer and proj_out
         if p.abs().sum() == 0 and p.ndim > 1:
             torch.nn.init.normal_(p, std=0.1)

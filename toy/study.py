@@ -1,21 +1,28 @@
-"""The toy study: V.I.P. against its ablations on the embedded toy world, several seeds.
+"""The toy study: V.I.P. against its ablations on the embedded toy world, paired over seeds.
 
-Rows (METHOD.md section 7's table, on the toy): the teacher; the pruned student before training
-(pruned once to the final size); pruned + SFT, pruned + DPO (no SFT term) and V.I.P. (ReDPO),
-each trained online over the rounds; and pruned + ReDPO one-shot (`--no-online`). Every variant
-is one `online_loop.py` run per seed. Runs that differ only in the loss share their first round
-up to training (same prune, probe, prompts, pairs), which is copied instead of recomputed. Writes
-toy/RESULTS.md: mean and 95 % interval over seeds per dimension and average, parameters, latency.
+Per seed, the pruning masks are computed ONCE and shared by every arm: reward-drop importance is
+measured on the teacher (prune.py, probe prompts x 2 seed sets), round 1 keeps 80 % and round 2 60 %
+of the parameters, both chosen from that one importance table (nested masks), and the one-shot arms
+prune straight to round 2's mask. So every arm ends with the same architecture, and the arms differ
+only in the loss and in online vs one-shot. Equal optimizer steps at the final size: one-shot trains
+--train-steps at 60 %; online trains --train-steps at 80 % and then --train-steps at 60 %.
 
-    python toy/study.py                     # 3 seeds, the loop's toy defaults (about an hour on 2 cores)
-    python toy/study.py --seeds 0 --train-steps 20 --work-dir runs/study-quick   # a quick look
+Arms (each one `online_loop.py` run with `--masks-from`, evaluated on the held-out eval prompts):
+  untrained pruned        the teacher with the final mask, no training (the common start)
+  SFT one-shot / ReDPO one-shot (`--no-online`)
+  SFT online / ReDPO online (V.I.P.) / DPO online (no SFT term)
+Reported: means with t-based 95 % intervals over seeds, and paired per-seed differences (ReDPO - SFT,
+online - one-shot, each trained arm - the untrained pruned model), the average of the four scores.
+
+    OMP_NUM_THREADS=1 python toy/study.py --seeds 0 2 4 &  OMP_NUM_THREADS=1 python toy/study.py --seeds 1 3 &
+    python toy/study.py --seeds 0 1 2 3 4 --gather            # the tables, into toy/RESULTS.md's study section
 """
 import argparse
 import datetime
 import os
 import platform
+import re
 import shutil
-import subprocess
 import sys
 import time
 
@@ -24,106 +31,200 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 
 import models  # noqa: E402
-import rewards  # noqa: E402
+import online_loop  # noqa: E402
 
-VARIANTS = {  # name: online_loop.py flags
-    "V.I.P. (online ReDPO)": ["--loss", "redpo"],
-    "pruned + SFT (online)": ["--loss", "sft"],
-    "pruned + DPO, no SFT term (online)": ["--loss", "dpo"],
-    "pruned + ReDPO one-shot (--no-online)": ["--loss", "redpo", "--no-online"],
+ARMS = {  # name: online_loop.py flags
+    "SFT one-shot": ["--loss", "sft", "--no-online"],
+    "ReDPO one-shot": ["--loss", "redpo", "--no-online"],
+    "SFT online": ["--loss", "sft"],
+    "V.I.P. (ReDPO online)": ["--loss", "redpo"],
+    "DPO online (no SFT term)": ["--loss", "dpo"],
 }
-SHARE_FROM = {"pruned + SFT (online)": "V.I.P. (online ReDPO)", "pruned + DPO, no SFT term (online)": "V.I.P. (online ReDPO)"}
+ONLINE = [n for n, f in ARMS.items() if "--no-online" not in f]
+SHARE = {"ReDPO one-shot": "SFT one-shot", "V.I.P. (ReDPO online)": "SFT online",
+         "DPO online (no SFT term)": "SFT online"}  # same data up to the first training: copied, not redone
+DIFFERENCES = [  # (label, arm a, arm b): per seed a - b
+    ("ReDPO - SFT, online", "V.I.P. (ReDPO online)", "SFT online"),
+    ("ReDPO - SFT, one-shot", "ReDPO one-shot", "SFT one-shot"),
+    ("online - one-shot, ReDPO", "V.I.P. (ReDPO online)", "ReDPO one-shot"),
+    ("online - one-shot, SFT", "SFT online", "SFT one-shot"),
+    ("ReDPO - DPO, online", "V.I.P. (ReDPO online)", "DPO online (no SFT term)"),
+    *[(f"{arm} - untrained pruned", arm, "untrained pruned") for arm in ARMS],
+]
 DIMS = (*models.DIMS, "average")
+# t_{0.975, df} for df = 1..30 (two-sided 95 %); beyond 30 the normal 1.96 is within 4 %.
+T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+        2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
 
 
 def get_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds (at least 3 for intervals)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4], help="seeds (5 or more for the study)")
     p.add_argument("--work-dir", default="runs/study", help="where every run lives")
-    p.add_argument("--out", default=os.path.join(HERE, "RESULTS.md"), help="the results table")
-    p.add_argument("--loop-args", default="", help="extra online_loop.py flags, one quoted string")
-    p.add_argument("--train-steps", type=int, default=0, help="ReDPO steps per round (0 = the loop's default)")
+    p.add_argument("--gather", action="store_true", help="only gather finished seeds into --out")
+    p.add_argument("--out", default=os.path.join(HERE, "STUDY.md"), help="the study's tables (markdown)")
+    p.add_argument("--loop-args", default="", help="extra online_loop.py flags for every arm, one quoted string")
+    p.add_argument("--ratios", type=float, nargs=2, default=[0.8, 0.6], help="kept after round 1 and round 2")
+    p.add_argument("--eval-samples", type=int, default=4, help="videos per eval prompt")
+    p.add_argument("--eval-args", default="", help="extra evaluate.py flags (e.g. sampling flags matching --loop-args)")
     return p
 
 
+# ----------------------------------------------------------------------------- the statistics
+def t_interval(values):
+    """(mean, half-width of the t-based 95 % interval) of a few per-seed values; half-width None for n < 2."""
+    values = [float(v) for v in values if v is not None]
+    n = len(values)
+    if n == 0:
+        return None, None
+    mean = sum(values) / n
+    if n < 2:
+        return mean, None
+    sd = (sum((v - mean) ** 2 for v in values) / (n - 1)) ** 0.5
+    return mean, (T975[n - 2] if n - 1 <= len(T975) else 1.96) * sd / n ** 0.5
+
+
+def paired(a, b):
+    """Per-seed differences a - b (seeds present in both) and their (mean, t half-width)."""
+    seeds = [s for s in a if s in b]
+    diffs = [a[s] - b[s] for s in seeds]
+    return diffs, t_interval(diffs)
+
+
+def fmt(mean, half, sign=False):
+    if mean is None:
+        return "-"
+    m = f"{mean:+.3f}" if sign else f"{mean:.3f}"
+    return m if half is None else f"{m} ± {half:.3f}"
+
+
+# ----------------------------------------------------------------------------- running one seed
 def slug(name):
-    return "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-").replace("--", "-")
+    return re.sub("-+", "-", "".join(c if c.isalnum() else "-" for c in name.lower())).strip("-")
 
 
-def share_first_round(src, dst):
-    """Copy a finished run's round 0 and round 1 up to training (everything before redpo)."""
-    if os.path.exists(dst) or not os.path.exists(os.path.join(src, "round-1", "pairs", "filtered.jsonl")):
+def make_masks(seed_dir, seed, ratios):
+    """Nested masks from one importance measurement on the teacher, laid out as a --masks-from dir.
+
+    masks/importance.safetensors: prune.py on the teacher straight to the final ratio (its metadata
+    holds the importance table; toy/sweep.py makes the very same file for a seed); round 1 and round
+    2 are chosen from that table (round 2 from round 1's model), and one-shot takes round 2's mask."""
+    masks = os.path.join(seed_dir, "masks")
+    imp = os.path.join(masks, "importance.safetensors")
+    r1, r2 = os.path.join(masks, "round-1", "pruned.safetensors"), os.path.join(masks, "round-2", "pruned.safetensors")
+    log = lambda name: os.path.join(masks, "logs", f"{name}.log")
+    online_loop.run_step("masks: importance on the teacher", imp,
+                         ["prune.py", "--model", "toy", "--prompts", online_loop.TOY_PROMPTS["probe"],
+                          "--target-ratio", ratios[-1], "--out", imp, "--seed", seed], log("importance"))
+    online_loop.run_step("masks: round 1", r1, ["prune.py", "--model", "toy", "--importance-from", imp,
+                                                "--target-ratio", ratios[0], "--out", r1], log("round-1"))
+    online_loop.run_step("masks: round 2", r2, ["prune.py", "--model", "toy", "--student", r1, "--importance-from", imp,
+                                                "--target-ratio", ratios[1], "--out", r2], log("round-2"))
+    oneshot = os.path.join(masks, "oneshot", "pruned.safetensors")
+    if not os.path.exists(oneshot):
+        os.makedirs(os.path.dirname(oneshot), exist_ok=True)
+        shutil.copyfile(r2, oneshot + ".tmp")  # the teacher's weights with round 2's mask
+        os.replace(oneshot + ".tmp", oneshot)
+    return masks
+
+
+def share(src, dst, first):
+    """Start `dst` from `src`'s finished data up to its first training (teacher cache, scores, and
+    `first` round's prune/probe/prompts/pairs), copied, so arms that differ only later reuse it."""
+    if os.path.exists(dst) or not os.path.exists(os.path.join(src, first, "pairs", "filtered.jsonl")):
         return
     os.makedirs(dst)
-    for part in ("teacher_cache", "round-0"):
-        shutil.copytree(os.path.join(src, part), os.path.join(dst, part))
-    r1 = os.path.join(dst, "round-1")
-    shutil.copytree(os.path.join(src, "round-1"), r1,
-                    ignore=shutil.ignore_patterns("student.safetensors", "student.log.jsonl", "eval", "redpo.log"))
+    for part in ("teacher_cache", "score_cache.jsonl"):
+        if os.path.isdir(os.path.join(src, part)):
+            shutil.copytree(os.path.join(src, part), os.path.join(dst, part))
+        elif os.path.exists(os.path.join(src, part)):
+            shutil.copyfile(os.path.join(src, part), os.path.join(dst, part))
+    shutil.copytree(os.path.join(src, first), os.path.join(dst, first),
+                    ignore=shutil.ignore_patterns("student.*", "eval", "redpo.log"))
 
 
-def interval(values):
-    """(mean, half-width of the 95 % interval) over seeds, with rewards.interval."""
-    iv = rewards.interval([v for v in values if v is not None])
-    return iv["mean"], None if iv["mean"] is None else iv["ci95"][1] - iv["mean"]
+def final(seed_dir, name):
+    rnd = "oneshot" if "--no-online" in ARMS[name] else "round-2"
+    return os.path.join(seed_dir, slug(name), rnd, "student.safetensors")
 
 
-def model_entry(report_path, label):
-    report = models.read_json(report_path)
-    return next(m for m in report["models"] if m["label"] == label)
+def run_seed(args, seed):
+    seed_dir = os.path.join(os.path.abspath(args.work_dir), f"seed-{seed}")
+    masks = make_masks(seed_dir, seed, args.ratios)
+    for name, flags in ARMS.items():
+        work = os.path.join(seed_dir, slug(name))
+        if name in SHARE:
+            share(os.path.join(seed_dir, slug(SHARE[name])), work, "oneshot" if "--no-online" in flags else "round-1")
+        elif not os.path.exists(work) and os.path.isdir(os.path.join(seed_dir, slug("SFT one-shot"), "teacher_cache")):
+            os.makedirs(work)  # the teacher's videos depend on (prompt, seed) only: shared by every arm
+            shutil.copytree(os.path.join(seed_dir, slug("SFT one-shot"), "teacher_cache"),
+                            os.path.join(work, "teacher_cache"))
+        argv = ["--work-dir", work, "--seed", seed, "--masks-from", masks, "--eval-rounds", "none", *flags,
+                *args.loop_args.split()]
+        print(f"\n##### seed {seed}: {name}\n$ python online_loop.py {' '.join(map(str, argv))}", flush=True)
+        t0 = time.time()
+        online_loop.main(online_loop.get_parser().parse_args([str(a) for a in argv]))
+        print(f"##### seed {seed}: {name} done in {time.time() - t0:.0f}s", flush=True)
+    # every model of the seed in one evaluation: the same eval prompts, the same initial noise
+    labels = ["untrained-pruned", *[slug(n) for n in ARMS], *[f"{slug(n)}-round-2-start" for n in ONLINE]]
+    ckpts = [os.path.join(masks, "oneshot", "pruned.safetensors"), *[final(seed_dir, n) for n in ARMS],
+             *[os.path.join(seed_dir, slug(n), "round-2", "pruned.safetensors") for n in ONLINE]]
+    online_loop.run_step("evaluate every arm", os.path.join(seed_dir, "eval", "report.json"),
+                         ["evaluate.py", "--model", "toy", "--students", *ckpts, "--labels", *labels, "--prompts",
+                          online_loop.TOY_PROMPTS["eval"], "--samples", args.eval_samples, "--out-dir",
+                          os.path.join(seed_dir, "eval"), "--seed", seed, "--latency-repeats", 1,
+                          *args.eval_args.split()],
+                         os.path.join(seed_dir, "logs", "evaluate.log"))
+
+
+# ----------------------------------------------------------------------------- gathering
+def entries(args, seed):
+    """{row name: report entry} of one finished seed."""
+    report = models.read_json(os.path.join(args.work_dir, f"seed-{seed}", "eval", "report.json"))
+    by = {m["label"]: m for m in report["models"]}
+    out = {"teacher": by["teacher"], "untrained pruned": by["untrained-pruned"]}
+    out.update({name: by[slug(name)] for name in ARMS})
+    out.update({f"{name}: its round-2 start": by[f"{slug(name)}-round-2-start"] for name in ONLINE})
+    return out
+
+
+def gather(args):
+    per_seed = {s: entries(args, s) for s in args.seeds}
+    names = list(per_seed[args.seeds[0]])
+    score = lambda name, d: {s: per_seed[s][name]["scores"][d]["mean"] for s in args.seeds}
+    lines = ["| model | params | VQ | TC | DD | TA | avg |", "|---|---|---|---|---|---|---|"]
+    for name in names:
+        params = {per_seed[s][name]["params"]["prunable"] for s in args.seeds}
+        p = f"{min(params):,}" if len(params) == 1 else f"{min(params):,}-{max(params):,}"
+        lines.append(f"| {name} | {p} | " + " | ".join(fmt(*t_interval(score(name, d).values())) for d in DIMS) + " |")
+    diff_lines = ["| paired difference (per seed a - b) | avg ± 95 % | " + " | ".join(f"seed {s}" for s in args.seeds)
+                  + " | VQ | TC | DD | TA |", "|---" * (6 + len(args.seeds)) + "|"]
+    summary = {}
+    for label, a, b in DIFFERENCES:
+        diffs, (mean, half) = paired(score(a, "average"), score(b, "average"))
+        summary[label] = {"mean": mean, "half": half, "per_seed": diffs}
+        dims = [fmt(*paired(score(a, d), score(b, d))[1], sign=True) for d in models.DIMS]
+        diff_lines.append(f"| {label} | {fmt(mean, half, sign=True)} | " + " | ".join(f"{d:+.3f}" for d in diffs)
+                          + " | " + " | ".join(dims) + " |")
+    return "\n".join(lines), "\n".join(diff_lines), summary
 
 
 def main(args):
-    rows = {}  # row name -> list of per-seed model entries
     t0 = time.time()
-    extra = args.loop_args.split() + (["--train-steps", str(args.train_steps)] if args.train_steps else [])
-    for seed in args.seeds:
-        for name, flags in VARIANTS.items():
-            work = os.path.join(args.work_dir, f"seed-{seed}", slug(name))
-            if name in SHARE_FROM:
-                share_first_round(os.path.join(args.work_dir, f"seed-{seed}", slug(SHARE_FROM[name])), work)
-            cmd = [sys.executable, os.path.join(ROOT, "online_loop.py"), "--work-dir", work, "--seed", str(seed),
-                   *flags, *extra]
-            print(f"\n##### seed {seed}: {name}\n$ {' '.join(cmd[1:])}", flush=True)
-            if subprocess.run(cmd, cwd=ROOT).returncode != 0:
-                raise models.UserError(f"the run '{name}' (seed {seed}) failed; see {work}")
-            last = "oneshot" if "--no-online" in flags else sorted(
-                d for d in os.listdir(work) if d.startswith("round-") and d != "round-0")[-1]
-            rows.setdefault(name, []).append(model_entry(os.path.join(work, last, "eval", "report.json"), "student"))
-            if name == "V.I.P. (online ReDPO)":
-                rows.setdefault("teacher", []).append(
-                    model_entry(os.path.join(work, "round-0", "eval", "report.json"), "teacher"))
-            if "--no-online" in flags:
-                rows.setdefault("pruned, before training", []).append(
-                    model_entry(os.path.join(work, "oneshot", "eval", "report.json"), "pruned"))
-    order = ["teacher", "pruned, before training", "pruned + SFT (online)", "pruned + DPO, no SFT term (online)",
-             "pruned + ReDPO one-shot (--no-online)", "V.I.P. (online ReDPO)"]
-    head = ("| model | params (seed 0) | latency/video (s) | VQ | TC | DD | TA | avg |\n"
-            "|---|---|---|---|---|---|---|---|")
-    lines = [head]
-    summary = {}
-    for name in order:
-        entries = rows[name]
-        cells = []
-        for d in DIMS:
-            mean, half = interval([e["scores"][d]["mean"] for e in entries])
-            cells.append(f"{mean:.3f} ± {half:.3f}")
-            summary.setdefault(name, {})[d] = [mean, half]
-        lat, _ = interval([(e["latency"] or {}).get("video_s") for e in entries])
-        lines.append(f"| {name} | {entries[0]['params']['prunable']:,} | {'-' if lat is None else f'{lat:.2f}'} | "
-                     + " | ".join(cells) + " |")
-    table = "\n".join(lines)
-    cmd = "python toy/study.py " + " ".join(sys.argv[1:])
-    text = (f"# The toy study\n\nMade by `{cmd.strip()}` on {datetime.date.today()} "
-            f"({platform.machine()}, {os.cpu_count()} CPU cores, torch {__import__('torch').__version__}), "
-            f"{len(args.seeds)} seeds ({', '.join(map(str, args.seeds))}), {time.time() - t0:.0f} s in this invocation "
-            f"(runs already complete in --work-dir are reused, not redone).\n"
-            f"Scores: the toy judge on the held-out eval prompts (each in [0, 1]); mean ± 95 % interval over seeds "
-            f"(1.96 standard errors).\n\n{table}\n")
-    with models.atomic_path(args.out) as tmp, open(tmp, "w") as f:
-        f.write(text)
-    models.write_json(os.path.join(args.work_dir, "study.json"), {"args": vars(args), "rows": summary})
-    print("\n" + text)
+    if not args.gather:
+        for seed in args.seeds:
+            run_seed(args, seed)
+    table, diffs, summary = gather(args)
+    text = (f"# The toy study (paired over seeds)\n\nMade by `python toy/study.py {' '.join(sys.argv[1:])}` on "
+            f"{datetime.date.today()} ({platform.machine()}, {os.cpu_count()} CPU cores, torch "
+            f"{__import__('torch').__version__}); seeds {args.seeds}. Scores: the toy judge on the 24 held-out eval "
+            f"prompts; every number is a mean over seeds ± the t-based 95 % interval (t with n-1 degrees of "
+            f"freedom).\n\n{table}\n\n{diffs}\n")
+    if args.gather:
+        with models.atomic_path(args.out) as tmp, open(tmp, "w") as f:
+            f.write(text)
+        models.write_json(os.path.join(args.work_dir, "study.json"), {"args": vars(args), "differences": summary})
+    print("\n" + text + f"\n({time.time() - t0:.0f} s in this invocation)")
 
 
 if __name__ == "__main__":

@@ -64,13 +64,29 @@ def eval_prompts():
 
 
 def train_prompts():
-    """The other 72 prompts."""
+    """The other 72 prompts (the teacher's training prompts)."""
     return [_prompt_of(*k) for k in _combos() if not _is_eval(*k)]
 
 
+def _is_val(c, s, d, v):
+    # The same Latin square shifted by two: 24 of the train prompts, as balanced as the eval set.
+    return (c + s + d + v) % len(DIRECTIONS) == 2
+
+
+def val_prompts():
+    """24 train prompts set apart to choose distillation settings on (never the eval prompts)."""
+    return [_prompt_of(*k) for k in _combos() if _is_val(*k)]
+
+
+def pool_prompts():
+    """The 48 train prompts that are neither validation nor eval: the pool pairs are made from."""
+    return [_prompt_of(*k) for k in _combos() if not _is_eval(*k) and not _is_val(*k)]
+
+
 def write_prompt_file(path, which="eval"):
-    """Write one prompt a line (the format models.read_prompts reads); which: eval, train or all."""
-    prompts = {"eval": eval_prompts, "train": train_prompts, "all": all_prompts}[which]()
+    """Write one prompt a line (the format models.read_prompts reads); which: eval, val, pool, train or all."""
+    prompts = {"eval": eval_prompts, "val": val_prompts, "pool": pool_prompts, "train": train_prompts,
+               "all": all_prompts}[which]()
     with open(path, "w") as f:
         f.write(f"# toy world: {which} prompts ({len(prompts)})\n" + "\n".join(prompts) + "\n")
     return path

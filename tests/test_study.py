@@ -1,0 +1,34 @@
+"""toy/study.py and toy/sweep.py: the interval math on hand-made numbers, the paired differences."""
+import math
+
+import pytest
+
+from toy import study
+
+
+def test_t_interval_uses_t_with_n_minus_1_degrees_of_freedom():
+    mean, half = study.t_interval([1.0, 2.0, 3.0])  # sd 1, se 1/sqrt(3), t(2) = 4.303
+    assert mean == pytest.approx(2.0) and half == pytest.approx(4.303 / math.sqrt(3), rel=1e-6)
+    mean, half = study.t_interval([0.1, 0.3, 0.2, 0.5, 0.4])  # sd 0.1581, t(4) = 2.776
+    assert mean == pytest.approx(0.3) and half == pytest.approx(2.776 * 0.158114 / math.sqrt(5), rel=1e-4)
+    assert study.t_interval([0.7]) == (0.7, None)  # one seed: no interval
+    assert study.t_interval([]) == (None, None)
+    assert study.t_interval([0.5, None, 0.5]) == (0.5, 0.0)  # missing values are skipped
+    assert study.t_interval([0.0] * 40 + [1.0] * 40)[1] == pytest.approx(1.96 * 0.503155 / math.sqrt(80), rel=1e-4)
+
+
+def test_paired_differences_are_per_seed():
+    a = {0: 0.60, 1: 0.70, 2: 0.65, 3: 0.55}
+    b = {0: 0.50, 1: 0.62, 2: 0.60, 4: 0.99}  # seed 3 and 4 are not in both: left out
+    diffs, (mean, half) = study.paired(a, b)
+    assert diffs == pytest.approx([0.10, 0.08, 0.05])
+    assert mean == pytest.approx(0.23 / 3) and half == pytest.approx(study.t_interval(diffs)[1])
+    # pairing removes the between-seed spread that unpaired intervals would carry
+    unpaired = math.hypot(study.t_interval([a[s] for s in (0, 1, 2)])[1], study.t_interval([b[s] for s in (0, 1, 2)])[1])
+    assert half < unpaired
+
+
+def test_formatting_of_intervals():
+    assert study.fmt(0.12345, 0.0456) == "0.123 ± 0.046"
+    assert study.fmt(-0.01, 0.02, sign=True) == "-0.010 ± 0.020"
+    assert study.fmt(0.5, None) == "0.500" and study.fmt(None, None) == "-"
