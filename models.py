@@ -7,6 +7,7 @@ No stage algorithm lives here (DESIGN.md). What is here:
   4. loading a teacher from a local diffusers folder, the teacher fingerprint
   5. noise prediction, the vc2 x0 rescaling, DDIM sampling with batched CFG, VAE decoding
   6. the student checkpoint: removed layers as identities, safetensors + metadata, strict loading
+     (and `load_pipeline`: the student inside a diffusers pipeline)
   7. devices and torch.distributed set-up
 """
 import contextlib
@@ -232,6 +233,7 @@ class Family:
     eta: float            # DDIM eta
     fps: int              # of written videos (and vc2's folded fps conditioning)
     lr: float             # ReDPO learning rate default
+    beta: float           # ReDPO's DPO temperature default (toy: chosen on its validation prompts)
     rounds: int           # online rounds in the paper
     final_ratio: float    # prunable parameters kept after the last round (paper)
     x0_scale_b: float = 0.0   # vc2 x0 rescaling: scale_t 1.0 -> b over t = 0..400 (0 = off)
@@ -247,11 +249,11 @@ class Family:
 
 
 FAMILIES = {
-    "vc2": Family("vc2", 320, 512, 16, 50, 12.0, 1.0, 28, 6e-6, 2, 0.902e9 / 1_413_284_420,
+    "vc2": Family("vc2", 320, 512, 16, 50, 12.0, 1.0, 28, 6e-6, 5000.0, 2, 0.902e9 / 1_413_284_420,
                   x0_scale_b=0.7, fps_folded=True, pad_id=0, unet_config=VC2_UNET_CONFIG),
-    "animatediff": Family("animatediff", 512, 512, 16, 25, 7.5, 0.0, 8, 1e-5, 3, 0.147e9 / 453_209_280,
+    "animatediff": Family("animatediff", 512, 512, 16, 25, 7.5, 0.0, 8, 1e-5, 5000.0, 3, 0.147e9 / 453_209_280,
                           unet_config=SD15_UNET_CONFIG),
-    "toy": Family("toy", 32, 32, 8, 10, 6.0, 0.0, 8, 1e-4, 2, 0.6, latent_factor=4,
+    "toy": Family("toy", 32, 32, 8, 10, 6.0, 0.0, 8, 1e-4, 500.0, 2, 0.6, latent_factor=4,
                   default_teacher=os.path.join(HERE, "toy", "teacher")),
 }
 
@@ -669,6 +671,46 @@ def load_model(teacher, student_path=""):
     if student_path:
         return load_student(student_path, teacher)
     return copy.deepcopy(teacher.unet), {"removed": [], "round": "0"}
+
+
+def load_pipeline(teacher_path, student_path="", family="vc2", motion_adapter="", device="cpu"):
+    """A diffusers pipeline with the student's UNet inside (the teacher's when `student_path` is ""):
+    TextToVideoSDPipeline for vc2 / toy, AnimateDiffPipeline for animatediff (the student's UNetMotionModel,
+    pruned motion modules included), with the teacher's VAE, text encoder, tokenizer and the DDIM scheduler
+    the family samples with; float32 on `device`. Sample with the family's settings, e.g. for vc2:
+
+        f = models.get_family("vc2")
+        pipe(prompt, num_frames=f.frames, height=f.height, width=f.width, num_inference_steps=f.steps,
+             guidance_scale=f.cfg, eta=f.eta, generator=[torch.Generator().manual_seed(s) for s in seeds]).frames
+
+    What differs from the family's own sampler (`sample`), so videos differ slightly from ours:
+      - vc2: diffusers' DDIM has no x0 rescaling (VC2's scale_t 1.0 -> 0.7 over t = 0..400; `--no-x0-rescale`
+        samples like the pipeline).
+      - vc2: the pipeline's tokenizer pads with its pad token (<|endoftext|>); VC2 pads with id 0 like
+        open_clip, and its UNet attends to the pads. To match the text side pass
+        `prompt_embeds=encode_prompts(pipe, prompts)` and `negative_prompt_embeds=encode_prompts(pipe, [""] * n)`
+        (the pipeline carries `pipe.family` for this); the toy and animatediff tokenize alike either way.
+      - eta > 0 (vc2's default 1.0): the step noise comes from the pipeline's generator, ours from seed + 1.
+        The initial noise is the same when the pipeline gets one generator per video seeded with our seed.
+      - animatediff: diffusers' DDIM steps from t to t - 1000 // steps, ours to the next of the "linspace"
+        timesteps (25 steps: 999 -> 959 there, 999 -> 957 here; the last step is the same).
+    With x0 rescaling off, eta 0 and those embeddings, vc2 / toy videos equal ours (tests/test_pipeline.py).
+    The pruned UNet has identities where layers were removed: keep the student as its checkpoint, not
+    `pipe.save_pretrained` (the UNet config does not know the removed layers).
+    """
+    from diffusers import AnimateDiffPipeline, TextToVideoSDPipeline
+
+    fam = get_family(family)
+    teacher = load_teacher(fam, teacher_path, motion_adapter, resolve_device(device))
+    unet, _ = load_model(teacher, student_path) if student_path else (teacher.unet, None)
+    parts = dict(vae=teacher.vae, text_encoder=teacher.text_encoder, tokenizer=teacher.tokenizer, unet=unet,
+                 scheduler=teacher.scheduler)
+    if fam.name == "animatediff":
+        pipe = AnimateDiffPipeline(**parts, motion_adapter=None)
+    else:
+        pipe = TextToVideoSDPipeline(**parts)
+    pipe.family = fam  # encode_prompts(pipe, prompts) tokenizes as the family does
+    return pipe
 
 
 # ----------------------------------------------------------------------------- 7. devices, DDP

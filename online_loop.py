@@ -77,16 +77,17 @@ def get_parser():
     p.add_argument("--no-online", action="store_true",
                    help="ablation: prune once to the final size and train once (--train-steps, as the last round)")
     p.add_argument("--loss", default="redpo", choices=["redpo", "dpo", "sft"], help="training loss (ablations)")
-    p.add_argument("--beta", type=float, default=5000.0, help="DPO temperature")
+    p.add_argument("--beta", type=float, default=0.0, help="DPO temperature (0 = the family's: toy 500, others 5000)")
     p.add_argument("--w-sft", type=float, default=1.0, help="SFT weight in ReDPO")
-    p.add_argument("--reference", default="teacher", choices=["teacher", "student0"],
-                   help="DPO reference: the teacher M_0 (paper) or the round's pruned student")
+    p.add_argument("--reference", default="student0", choices=["teacher", "student0"],
+                   help="DPO reference: the round's pruned student (Diffusion-DPO's convention; chosen on the toy's "
+                        "validation prompts) or the teacher M_0 (the paper's figure)")
     p.add_argument("--uncond-prob", type=float, default=0.1, help="prompt dropout in ReDPO (trains the CFG branch)")
-    p.add_argument("--train-steps", type=int, default=60, help="ReDPO optimizer steps per round")
+    p.add_argument("--train-steps", type=int, default=30, help="ReDPO optimizer steps per round")
     p.add_argument("--train-batch-size", type=int, default=4, help="pairs per ReDPO step")
     p.add_argument("--lr", type=float, default=0.0, help="ReDPO learning rate (0 = family default)")
     p.add_argument("--samples-per-prompt", type=int, default=0,
-                   help="pairs per curated prompt, each from its own seed (0 = toy 2, other families 1)")
+                   help="pairs per curated prompt, each from its own seed (0 = 1)")
     p.add_argument("--importance", default="reward", choices=["reward", "output"], help="pruning importance")
     p.add_argument("--prompt-pool", default="",
                    help="prompts to curate pairs from (default: toy/prompts/pool.txt; others prompts/pool.txt)")
@@ -259,8 +260,8 @@ def main(args):
     if not 0 < final < 1:
         raise models.UserError(f"--final-ratio must be in (0, 1), got {final}")
     toy = args.model == "toy"
-    max_pairs = args.max_pair_prompts if args.max_pair_prompts >= 0 else 0
-    per_prompt = args.samples_per_prompt or (2 if toy else 1)
+    max_pairs = args.max_pair_prompts if args.max_pair_prompts >= 0 else (32 if toy else 0)  # toy: ~5 epochs
+    per_prompt = args.samples_per_prompt or 1
     eval_samples = args.eval_samples or (4 if toy else 1)
     # Defaults: the toy's shipped teacher, prompts and judge; for vc2 / animatediff the paper's reward
     # (VideoScore), tools/make_prompts.py's files and the conventional folders under ./ckpt.
@@ -290,6 +291,8 @@ def main(args):
         models.read_prompts(path)  # fail early on a bad prompt file
     resolved = {"teacher": teacher, "motion_adapter": adapter, "scorer": scorer_name, "scorer_path": scorer_path,
                 "prompt_pool": pool, "probe_prompts": probe, "eval_prompts": evalp}
+    if args.masks_from and not os.path.isdir(args.masks_from):
+        raise models.UserError(f"--masks-from {args.masks_from}: no such work dir")
     work = os.path.abspath(args.work_dir)
     os.makedirs(work, exist_ok=True)
     # the work dir records the scorer resolved (its default depends on the family), the rest as given
@@ -368,7 +371,7 @@ def main(args):
             else:
                 run("redpo", student,
                     ["redpo.py", *base, "--student", pruned, "--pairs", kept, "--out", student, "--loss", args.loss,
-                     "--beta", args.beta, "--w-sft", args.w_sft, "--reference", args.reference,
+                     "--beta", args.beta or family.beta, "--w-sft", args.w_sft, "--reference", args.reference,
                      "--uncond-prob", args.uncond_prob, "--max-steps", steps, "--batch-size", args.train_batch_size,
                      "--lr", args.lr, "--seed", args.seed], log("redpo"), nproc=args.nproc)
         if args.eval_rounds == "all" or (args.eval_rounds == "last" and k == len(ratios)):

@@ -39,12 +39,14 @@ def get_parser():
     p.add_argument("--student", default="", help="student checkpoint to train (default: the teacher itself)")
     p.add_argument("--out", required=True, help="where to write the trained student checkpoint")
     p.add_argument("--loss", default="redpo", choices=["redpo", "dpo", "sft"], help="ReDPO or an ablation")
-    p.add_argument("--beta", type=float, default=5000.0, help="DPO temperature (the 1/2 is applied in the loss)")
+    p.add_argument("--beta", type=float, default=0.0,
+                   help="DPO temperature, the 1/2 applied in the loss (0 = the family's: toy 500, others 5000)")
     p.add_argument("--w-sft", type=float, default=1.0, help="weight of the SFT term in ReDPO")
     p.add_argument("--sft-target", default="teacher", choices=["teacher", "noise"],
                    help="SFT regresses onto the teacher's prediction or onto the true noise")
-    p.add_argument("--reference", default="teacher", choices=["teacher", "student0"],
-                   help="DPO reference: the frozen teacher M_0 (paper) or the frozen initial student")
+    p.add_argument("--reference", default="student0", choices=["teacher", "student0"],
+                   help="DPO reference: the frozen initial student (Diffusion-DPO's convention; chosen on the toy's "
+                        "validation prompts) or the frozen teacher M_0 (the paper's figure)")
     p.add_argument("--lr", type=float, default=0.0, help="AdamW learning rate (0 = the family's default)")
     p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
     p.add_argument("--warmup", type=int, default=10, help="linear warmup steps")
@@ -55,7 +57,7 @@ def get_parser():
     p.add_argument("--uncond-prob", type=float, default=0.1,
                    help="prompt dropout: probability that a pair trains on the empty prompt (both members)")
     p.add_argument("--heldout-pairs", type=int, default=-1,
-                   help="pairs kept out of training to measure the distance to the teacher (-1 = auto: n/10, at most 8)")
+                   help="pairs kept out of training to measure the distance to the teacher (-1 = auto: n/10, at most 8; with none held out the first 4 training pairs are used)")
     p.add_argument("--log-every", type=int, default=10,
                    help="every N steps: one log line, term-wise gradient norms, held-out distance to the teacher")
     p.add_argument("--no-x0-rescale", action="store_true", help="vc2: noise x0 without VC2's scale_t")
@@ -206,7 +208,8 @@ def train_step(family, scheduler, student, teacher_unet, reference, batch, args,
             if reference is not None:  # DPO against the initial student, SFT still on the teacher
                 eps_ref, eps_teacher_w = models.predict_noise(family, reference, x_t, t, emb2), eps_teacher[:B]
         eps_theta = models.predict_noise(family, student, x_t, t, emb2)
-    return loss_fn(eps_theta, eps_ref, eps, args.beta, args.w_sft, args.loss, args.sft_target, eps_teacher_w)
+    beta = args.beta or family.beta  # 0 = the family default
+    return loss_fn(eps_theta, eps_ref, eps, beta, args.w_sft, args.loss, args.sft_target, eps_teacher_w)
 
 
 def grad_norm_of(term, params):
@@ -247,6 +250,7 @@ def main(args):
     rank, world, device = models.dist_setup(args.device)
     family = models.get_family(args.model)
     lr = args.lr or family.lr
+    beta = args.beta or family.beta
     use_bf16 = args.precision == "bf16" or (args.precision == "auto" and device.startswith("cuda"))
     if not 0 <= args.uncond_prob <= 1:
         raise models.UserError(f"--uncond-prob must be in [0, 1] (got {args.uncond_prob})")
@@ -279,7 +283,7 @@ def main(args):
     log, t0, last = [], time.time(), time.time()
     if rank == 0:
         print(f"redpo: {n_pairs} pairs to train on ({len(held_idx)} held out), "
-              f"{sum(p.numel() for p in params):,} trainable parameters, loss={args.loss} beta={args.beta} "
+              f"{sum(p.numel() for p in params):,} trainable parameters, loss={args.loss} beta={beta:g} "
               f"w_sft={args.w_sft} reference={args.reference} uncond_prob={args.uncond_prob} lr={lr:g} "
               f"steps={args.max_steps} (~{args.max_steps * args.batch_size * args.grad_accum * world / n_pairs:.1f} "
               f"epochs) world={world} device={device}")

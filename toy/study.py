@@ -62,10 +62,15 @@ def get_parser():
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4], help="seeds (5 or more for the study)")
     p.add_argument("--work-dir", default="runs/study", help="where every run lives")
     p.add_argument("--gather", action="store_true", help="only gather finished seeds into --out")
+    p.add_argument("--masks-only", action="store_true", help="only compute the seeds' pruning masks")
+    p.add_argument("--arms", nargs="*", default=list(ARMS), metavar="ARM",
+                   help="run only these arms (the evaluation runs once every arm of a seed is trained)")
     p.add_argument("--out", default=os.path.join(HERE, "STUDY.md"), help="the study's tables (markdown)")
     p.add_argument("--loop-args", default="", help="extra online_loop.py flags for every arm, one quoted string")
     p.add_argument("--ratios", type=float, nargs=2, default=[0.8, 0.6], help="kept after round 1 and round 2")
     p.add_argument("--eval-samples", type=int, default=4, help="videos per eval prompt")
+    p.add_argument("--eval-starts", action="store_true",
+                   help="also evaluate each online arm's round-2 start (its trained round-1 student, pruned further)")
     p.add_argument("--eval-args", default="", help="extra evaluate.py flags (e.g. sampling flags matching --loop-args)")
     return p
 
@@ -152,6 +157,8 @@ def run_seed(args, seed):
     seed_dir = os.path.join(os.path.abspath(args.work_dir), f"seed-{seed}")
     masks = make_masks(seed_dir, seed, args.ratios)
     for name, flags in ARMS.items():
+        if name not in args.arms:
+            continue
         work = os.path.join(seed_dir, slug(name))
         if name in SHARE:
             share(os.path.join(seed_dir, slug(SHARE[name])), work, "oneshot" if "--no-online" in flags else "round-1")
@@ -166,13 +173,17 @@ def run_seed(args, seed):
         online_loop.main(online_loop.get_parser().parse_args([str(a) for a in argv]))
         print(f"##### seed {seed}: {name} done in {time.time() - t0:.0f}s", flush=True)
     # every model of the seed in one evaluation: the same eval prompts, the same initial noise
-    labels = ["untrained-pruned", *[slug(n) for n in ARMS], *[f"{slug(n)}-round-2-start" for n in ONLINE]]
+    if not all(os.path.exists(final(seed_dir, n)) for n in ARMS):
+        print(f"##### seed {seed}: not every arm is trained yet; evaluation left for a later run")
+        return
+    starts = ONLINE if args.eval_starts else []
+    labels = ["untrained-pruned", *[slug(n) for n in ARMS], *[f"{slug(n)}-round-2-start" for n in starts]]
     ckpts = [os.path.join(masks, "oneshot", "pruned.safetensors"), *[final(seed_dir, n) for n in ARMS],
-             *[os.path.join(seed_dir, slug(n), "round-2", "pruned.safetensors") for n in ONLINE]]
+             *[os.path.join(seed_dir, slug(n), "round-2", "pruned.safetensors") for n in starts]]
     online_loop.run_step("evaluate every arm", os.path.join(seed_dir, "eval", "report.json"),
                          ["evaluate.py", "--model", "toy", "--students", *ckpts, "--labels", *labels, "--prompts",
                           online_loop.TOY_PROMPTS["eval"], "--samples", args.eval_samples, "--out-dir",
-                          os.path.join(seed_dir, "eval"), "--seed", seed, "--latency-repeats", 1,
+                          os.path.join(seed_dir, "eval"), "--seed", seed, "--latency-repeats", 1, "--batch-size", 16,
                           *args.eval_args.split()],
                          os.path.join(seed_dir, "logs", "evaluate.log"))
 
@@ -184,7 +195,8 @@ def entries(args, seed):
     by = {m["label"]: m for m in report["models"]}
     out = {"teacher": by["teacher"], "untrained pruned": by["untrained-pruned"]}
     out.update({name: by[slug(name)] for name in ARMS})
-    out.update({f"{name}: its round-2 start": by[f"{slug(name)}-round-2-start"] for name in ONLINE})
+    out.update({f"{name}: its round-2 start": by[f"{slug(name)}-round-2-start"] for name in ONLINE
+                if f"{slug(name)}-round-2-start" in by})
     return out
 
 
@@ -211,9 +223,15 @@ def gather(args):
 
 def main(args):
     t0 = time.time()
+    if args.masks_only:
+        for seed in args.seeds:
+            make_masks(os.path.join(os.path.abspath(args.work_dir), f"seed-{seed}"), seed, args.ratios)
+        return
     if not args.gather:
         for seed in args.seeds:
             run_seed(args, seed)
+        if not all(os.path.exists(os.path.join(args.work_dir, f"seed-{s}", "eval", "report.json")) for s in args.seeds):
+            return
     table, diffs, summary = gather(args)
     text = (f"# The toy study (paired over seeds)\n\nMade by `python toy/study.py {' '.join(sys.argv[1:])}` on "
             f"{datetime.date.today()} ({platform.machine()}, {os.cpu_count()} CPU cores, torch "
