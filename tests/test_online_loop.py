@@ -78,13 +78,34 @@ def test_one_shot_and_animatediff(animatediff_dirs, toy_prompts, tmp_path):
     work = str(tmp_path / "work")
     sd, adapter = animatediff_dirs
     out = run("online_loop.py", *loop_args("animatediff", ["--teacher", sd, "--motion-adapter", adapter], work,
-                                           toy_prompts), "--no-online", "--loss", "sft").stdout
+                                           toy_prompts), "--no-online", "--loss", "sft", "--isolate").stdout
     assert "| oneshot | student |" in out and "round-1" not in out
+    assert "redpo: wrote" in open(os.path.join(work, "oneshot", "logs", "redpo.log")).read()  # a process's output
     rows = models.read_json(os.path.join(work, "results.json"))["rows"]
     assert rows[-1]["params"] <= 0.6 * rows[0]["params"]
     log = [json.loads(ln) for ln in open(os.path.join(work, "oneshot", "student.log.jsonl"))]
-    assert len(log) == 4  # one-shot trains with every round's steps: 2 rounds x 2
+    assert len(log) == 2  # one-shot trains --train-steps at the final size, as the online loop's last round
     assert json.loads(models.read_student_meta(os.path.join(work, "oneshot", "student.safetensors"))["args"])["loss"] == "sft"
+
+
+def test_masks_from_another_run_give_the_same_architecture(vc2_dir, toy_prompts, tmp_path):
+    """--masks-from: every round removes exactly the other run's layers (no importance measured), so
+    runs that compare losses share one architecture; the one-shot arm takes the other's oneshot mask."""
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    run("online_loop.py", *loop_args("vc2", ["--teacher", vc2_dir], a, toy_prompts), "--eval-rounds", "last")
+    out = run("online_loop.py", *loop_args("vc2", ["--teacher", vc2_dir], b, toy_prompts), "--loss", "sft",
+              "--masks-from", a, "--eval-rounds", "none").stdout
+    for k in (1, 2):
+        ma = models.read_student_meta(os.path.join(a, f"round-{k}", "pruned.safetensors"))
+        mb = models.read_student_meta(os.path.join(b, f"round-{k}", "pruned.safetensors"))
+        assert ma["removed"] == mb["removed"] and json.loads(mb["args"])["layers_from"].startswith(a)
+        assert json.loads(mb["importance"]) == []  # nothing measured
+    assert os.path.exists(os.path.join(a, "round-2", "eval", "report.json"))
+    assert not os.path.exists(os.path.join(a, "round-1", "eval")) and not os.path.exists(os.path.join(b, "round-0"))
+    assert "V.I.P. finished" in out
+    proc = run("online_loop.py", *loop_args("vc2", ["--teacher", vc2_dir], str(tmp_path / "c"), toy_prompts),
+               "--masks-from", str(tmp_path / "nowhere"), check=False)
+    assert proc.returncode == 2 and "nowhere" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_budgets_reach_the_final_ratio():
@@ -106,8 +127,8 @@ def test_the_embedded_toy_loop_with_reduced_settings(tmp_path):
     evalp = tmp_path / "eval.txt"
     evalp.write_text("\n".join(world.eval_prompts()[:3]) + "\n")
     out = run("online_loop.py", "--work-dir", tmp_path / "work", "--eval-prompts", evalp, "--train-steps", "2",
-              "--steps", "4", "--probe-steps", "2", "--num-probe", "2", "--max-pair-prompts", "4",
-              "--no-filter").stdout
+              "--steps", "4", "--probe-steps", "2", "--num-probe", "2", "--probe-seeds", "1", "--max-pair-prompts", "4",
+              "--eval-samples", "1", "--no-filter").stdout
     assert "V.I.P. finished" in out and "| round-2 | student |" in out
     rows = models.read_json(str(tmp_path / "work" / "results.json"))["rows"]
     assert [r["model"] for r in rows] == ["teacher", "pruned", "student", "pruned", "student"]
