@@ -137,8 +137,6 @@ def importance(args, family, unet, teacher, cands, prompts, device):
     cond = models.encode_prompts(teacher, prompts_all).to(device)
     settings = models.sampling_settings(args, family)
     if args.importance == "reward":
-        import rewards
-
         scorer = rewards.get_scorer(args.scorer, args.scorer_path, device)
         uncond = models.encode_prompts(teacher, [""]).to(device)
         measure = lambda: probe_reward(teacher, unet, scorer, cond, uncond, prompts_all, seeds, settings,

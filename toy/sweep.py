@@ -26,7 +26,7 @@ import models  # noqa: E402
 import online_loop  # noqa: E402
 from toy.study import t_interval  # noqa: E402
 
-PROMPTS = {k: os.path.join(HERE, "prompts", f"{k}.txt") for k in ("pool", "probe", "val")}
+PROMPTS = {**online_loop.TOY_PROMPTS, "val": os.path.join(HERE, "prompts", "val.txt")}  # the loop's files + validation
 CONFIGS = {  # name: redpo.py flags (on top of --max-steps/--batch-size/--lr given below)
     "sft": ["--loss", "sft"],
     "sft, no prompt dropout": ["--loss", "sft", "--uncond-prob", "0"],
