@@ -13,6 +13,14 @@ Outputs (OUT_DIR):
   report.json                       args, settings, per model: params, FLOPs, latency, memory,
                                     scores (mean, ci95, n per dimension and 'average'), per-video rows
   report.md                         the table (also printed)
+  report.partial.<rank>-of-<world>.jsonl   while running: every finished batch's rows and model results,
+                                    appended and fsynced; removed once report.json is written
+
+A rerun of the same command resumes: it skips every batch whose rows are in the partial file (a torn
+last line of a killed run is dropped), and every model whose results are; records of other arguments,
+checkpoints or scorers are dropped. The report equals an uninterrupted run's except the measured
+fields (MEASURED); on CPU the rest is identical, scores included (a batch runs whole, so its float
+rounding never depends on a resume). Videos are never re-scored from their lossy mp4s.
 
 Tiny CPU:  python evaluate.py --model toy --prompts eval.txt --students runs/r1/pruned.safetensors \
                runs/r1/redpo.safetensors --labels pruned vip --out-dir runs/eval
@@ -24,6 +32,7 @@ Many GPUs: torchrun --nproc_per_node 8 evaluate.py ...  (videos split by rank, r
 import argparse
 import contextlib
 import hashlib
+import json
 import os
 import resource
 import statistics
@@ -37,6 +46,7 @@ import models
 import rewards
 
 SHORT = models.DIM_SHORT
+MEASURED = ("latency.unet_forward_s", "latency.video_s", "memory.peak_mib")  # per model: timings, not results
 
 
 def get_parser():
@@ -148,21 +158,59 @@ def efficiency(teacher, unet, cond, uncond, seed, settings, repeats, device):
     shape = models.latent_shape(teacher, settings["frames"], settings["height"], settings["width"])
     x = models.seeded_noise([seed], shape).to(device)  # (1, C, F, h, w)
     t = torch.full((1,), teacher.scheduler.config.num_train_timesteps // 2, device=device, dtype=torch.long)
+    bf16 = settings["precision"] == "bf16"
     forward = lambda: models.predict_noise(family, unet, x, t, cond)  # noqa: E731
     # the flop counter knows CUDA's fused attention kernels but not the CPU one: count the math form there
     on_cuda = str(device).startswith("cuda")
     with (contextlib.nullcontext() if on_cuda else sdpa_kernel([SDPBackend.MATH])), \
-            FlopCounterMode(display=False) as counter:
+            FlopCounterMode(display=False) as counter, models.autocast(device, bf16):
         forward()
-    unet_s = median_seconds(forward, repeats, device, warmup=1)
+    with models.autocast(device, bf16):
+        unet_s = median_seconds(forward, repeats, device, warmup=1)
     if on_cuda:
         torch.cuda.reset_peak_memory_stats(device)
     # no warm-up: the evaluation videos were just sampled with this model and VAE
     video_s = median_seconds(lambda: models.generate(teacher, unet, cond, uncond, [seed], settings), repeats,
                              device, warmup=0)
     return {"flops": {"unet_forward": int(counter.get_total_flops()), "latent_shape": [1, *shape]},
-            "latency": {"unet_forward_s": unet_s, "video_s": video_s, "repeats": repeats},
+            "latency": {"unet_forward_s": unet_s, "video_s": video_s, "repeats": repeats,
+                        "precision": settings["precision"]},  # bf16 weights + autocast, or float32
             "memory": peak_memory(device)}
+
+
+# ----------------------------------------------------------------------------- resuming
+def model_key(args, teacher, scorer, settings, device, label, checkpoint, first_prompt):
+    """A hash of everything a model's rows and results depend on; partial records of another key are stale."""
+    stat = os.stat(checkpoint) if checkpoint else None
+    blob = {"teacher": teacher.fingerprint, "label": label, "device": device, "settings": settings,
+            "checkpoint": [os.path.abspath(checkpoint), stat.st_size, stat.st_mtime_ns] if checkpoint else "",
+            "seed": args.seed, "scorer": [scorer.name, scorer.fingerprint],
+            "efficiency": None if args.no_efficiency else [args.latency_repeats, first_prompt]}
+    return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def read_partial(path):
+    """The records of a partial file up to its first unreadable line (the torn last line of a killed run)."""
+    records = []
+    if os.path.exists(path):
+        with open(path, encoding="utf-8", errors="replace") as f:  # garbled bytes end it like a torn line
+            for line in f:
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    break
+                if not isinstance(record, dict):
+                    break
+                records.append(record)
+    return records
+
+
+def append_partial(path, records):
+    """Append records as JSON lines, on disk before this returns (a kill right after keeps them)."""
+    with open(path, "a", encoding="utf-8") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in records))
+        f.flush()
+        os.fsync(f.fileno())
 
 
 # ----------------------------------------------------------------------------- side by side
@@ -217,7 +265,7 @@ def human(n, units=("K", "M", "B", "T")):
 def markdown(results, settings, args, teacher_params):
     lines = [f"Evaluation: {args.model}, scorer {args.scorer}, {results[0]['scores']['average']['n']} videos per "
              f"model ({settings['frames']}x{settings['height']}x{settings['width']}, {settings['steps']} steps, "
-             f"CFG {settings['cfg']:g}). Scores: mean ± 95 % interval half-width.", "",
+             f"CFG {settings['cfg']:g}, {settings['precision']}). Scores: mean ± 95 % interval half-width.", "",
              "| model | params | FLOPs | UNet latency | video latency | "
              + " | ".join(SHORT[d] for d in models.DIMS) + " | avg |",
              "|---" * (6 + len(models.DIMS)) + "|"]
@@ -258,10 +306,11 @@ def main(args):
     prompts = list(dict.fromkeys(models.read_prompts(args.prompts)))[:args.num_prompts or None]  # unique, in order
     metas = {c: models.read_student_meta(c) for _, c in entries if c}  # bad files fail before any model loads
     rank, world, device = models.dist_setup(args.device)
-    teacher = models.load_teacher(family, args.teacher, args.motion_adapter, device)
+    teacher = models.load_teacher(family, args.teacher, args.motion_adapter, device,
+                                  models.frozen_dtype(device, args.precision))
     for c, meta in metas.items():  # a student of another teacher fails before any generation
         models.check_student(c, meta, teacher)
-    settings = models.sampling_settings(args, family)
+    settings = models.sampling_settings(args, family, device)
     models.latent_shape(teacher, settings["frames"], settings["height"], settings["width"])  # validates the size
     scorer = rewards.get_scorer(args.scorer, args.scorer_path, device)
     out = os.path.abspath(args.out_dir)
@@ -270,29 +319,55 @@ def main(args):
     items = [(i, k, sample_seed(args.seed, p, k)) for i, p in enumerate(prompts) for k in range(args.samples)]
     mine = items[rank::world]  # this rank's share of the videos
     teacher_params = models.count_params(family, teacher.unet)
+    os.makedirs(out, exist_ok=True)
+    partial = os.path.join(out, f"report.partial.{rank}-of-{world}.jsonl")  # this rank's finished work
+    keys = [model_key(args, teacher, scorer, settings, device, label, c, prompts[0]) for label, c in entries]
+    records = [r for r in read_partial(partial) if r.get("key") in keys]
+    if os.path.exists(partial):  # without a torn line or stale records, so that appends start on a fresh line
+        models.write_jsonl(partial, records)
+    batches = [mine[b:b + args.batch_size] for b in range(0, len(mine), args.batch_size)]  # each runs whole
+    plans = []
+    for key in keys:  # the rows of finished batches, the batches to run, the result if the model is done
+        done = {(r["row"]["prompt"], r["row"]["sample"]): r["row"] for r in records if r["key"] == key
+                and "row" in r and os.path.exists(os.path.join(out, r["row"]["video"]))}
+        finished = [all((prompts[i], k) in done for i, k, _ in batch) for batch in batches]
+        plans.append(([done[prompts[i], k] for batch, f in zip(batches, finished) if f for i, k, _ in batch],
+                      [batch for batch, f in zip(batches, finished) if not f],
+                      next((r["result"] for r in records if r["key"] == key and "result" in r), None)))
+    skipped = sum(len(rows) for rows, _, _ in plans)
+    if skipped and rank == 0:
+        print(f"resuming: {skipped} of {len(entries) * len(mine)} videos already done"
+              + (" (rank 0's share)" if world > 1 else ""))
     results = []
-    for label, checkpoint in entries:
+    for (label, checkpoint), key, (rows, todo, result) in zip(entries, keys, plans):
+        if not todo and result is not None:  # finished by an earlier run
+            results.append((result, rows))
+            continue
         unet, meta = load_unet(teacher, checkpoint, device)
-        rows = []
-        for b in tqdm(range(0, len(mine), args.batch_size), desc=f"evaluate {label}", disable=rank != 0):
-            batch = mine[b:b + args.batch_size]
+        for batch in tqdm(todo, desc=f"evaluate {label}", disable=rank != 0):
             texts = [prompts[i] for i, _, _ in batch]
             cond = models.encode_prompts(teacher, texts)  # (N, L, D)
             _, videos = models.generate(teacher, unet, cond, uncond, [s for _, _, s in batch], settings)  # (N, F, H, W, 3)
-            for (i, k, seed), video, score in zip(batch, videos, scorer.score(videos, texts)):
-                path = os.path.join(out, "videos", safe_name(label), f"{names[i]}-{k}.mp4")
-                models.write_video(path, video, family.fps)
-                rows.append({"prompt": prompts[i], "sample": k, "seed": seed, "video": os.path.relpath(path, out),
-                             **{d: score[d] for d in models.DIMS}})
-        prunable = models.count_params(family, unet)  # as the paper counts them
-        result = {"label": label, "checkpoint": checkpoint, "removed": meta["removed"], "round": int(meta["round"]),
-                  "params": {"prunable": prunable, "unet": sum(p.numel() for p in unet.parameters()),
-                             "fraction_of_teacher": prunable / teacher_params},
-                  "flops": None, "latency": None, "memory": None}
-        if rank == 0 and not args.no_efficiency:
-            i, _, seed = items[0]
-            result.update(efficiency(teacher, unet, models.encode_prompts(teacher, [prompts[i]]), uncond, seed,
-                                     settings, args.latency_repeats, device))
+            paths = [os.path.join(out, "videos", safe_name(label), f"{names[i]}-{k}.mp4") for i, k, _ in batch]
+            models.write_videos(paths, videos, family.fps)
+            new = []
+            for (i, k, seed), path, score in zip(batch, paths, scorer.score(videos, texts)):
+                new.append({"prompt": prompts[i], "sample": k, "seed": seed, "video": os.path.relpath(path, out),
+                            **{d: score[d] for d in models.DIMS}})
+            append_partial(partial, [{"key": key, "row": row} for row in new])  # after its videos: they exist
+            rows += new
+        if result is None:
+            prunable = models.count_params(family, unet)  # as the paper counts them
+            result = {"label": label, "checkpoint": checkpoint, "removed": meta["removed"],
+                      "round": int(meta["round"]),
+                      "params": {"prunable": prunable, "unet": sum(p.numel() for p in unet.parameters()),
+                                 "fraction_of_teacher": prunable / teacher_params},
+                      "flops": None, "latency": None, "memory": None}
+            if rank == 0 and not args.no_efficiency:
+                i, _, seed = items[0]
+                result.update(efficiency(teacher, unet, models.encode_prompts(teacher, [prompts[i]]), uncond, seed,
+                                         settings, args.latency_repeats, device))
+            append_partial(partial, [{"key": key, "result": result}])
         results.append((result, rows))
         del unet
         if str(device).startswith("cuda"):
@@ -313,11 +388,15 @@ def main(args):
     sbs = []
     if args.side_by_side:
         labels = [label for label, _ in entries]
-        for i in range(rank, len(prompts), world):  # this rank's share of the prompts
-            videos = [models.read_video(os.path.join(out, "videos", safe_name(label), f"{names[i]}-0.mp4"))
-                      for label in labels]
-            models.write_video(os.path.join(out, "side_by_side", f"{names[i]}.mp4"), side_by_side(videos, labels),
-                               family.fps)
+        share = range(rank, len(prompts), world)  # this rank's share of the prompts
+
+        def write(sl):  # on threads: each read and write is an ffmpeg process
+            for i in share[sl]:
+                videos = [models.read_video(os.path.join(out, "videos", safe_name(label), f"{names[i]}-0.mp4"))
+                          for label in labels]
+                models.write_video(os.path.join(out, "side_by_side", f"{names[i]}.mp4"),
+                                   side_by_side(videos, labels), family.fps)
+        models.in_threads(write, len(share), "cpu")
         sbs = [os.path.join("side_by_side", f"{n}.mp4") for n in names]
         if world > 1:
             import torch.distributed as dist
@@ -339,6 +418,9 @@ def main(args):
         models.write_json(os.path.join(out, "report.json"), report)
         with models.atomic_path(os.path.join(out, "report.md")) as tmp, open(tmp, "w", encoding="utf-8") as f:
             f.write(table)
+        for name in os.listdir(out):  # every rank's rows are in the report now
+            if name.startswith("report.partial."):
+                os.remove(os.path.join(out, name))
         print(table)
         print(f"evaluate: {len(report_models)} models x {len(items)} videos; wrote "
               f"{os.path.join(args.out_dir, 'report.json')} and report.md")

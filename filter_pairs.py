@@ -300,7 +300,7 @@ def read_cache(path):
     """{key: scores} of a score cache; lines a crash cut short, or that lack a dimension, are skipped."""
     cache = {}
     if os.path.exists(path):
-        with open(path) as f:
+        with open(path, encoding="utf-8", errors="replace") as f:  # a garbled line is skipped like a cut one
             for line in f:
                 try:
                     row = json.loads(line)
@@ -376,7 +376,7 @@ def curate(args):
     if kept < args.min_keep:
         raise models.UserError(f"{args.prompts}: only {kept} of {len(rows)} prompts kept for targets {targets} "
                                f"(need --min-keep {args.min_keep}; {counts})")
-    with models.atomic_path(args.out) as tmp, open(tmp, "w") as f:
+    with models.atomic_path(args.out) as tmp, open(tmp, "w", encoding="utf-8") as f:
         f.write("".join(r["prompt"] + "\n" for r in chosen))
     models.write_json(summary_path, {"args": vars(args), "targets": targets, "targets_from": source,
                                      "curator": args.curator, "counts": {"in": len(rows), **counts}, "prompts": rows})

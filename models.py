@@ -2,7 +2,7 @@
 
 No stage algorithm lives here (DESIGN.md). What is here:
   1. errors and the command-line runner (one-line errors, no traceback)
-  2. atomic files, JSON / JSONL / prompt files, mp4 videos
+  2. atomic files, JSON / JSONL / prompt files, mp4 videos, a lock file
   3. the families `vc2`, `animatediff`, `toy` with their defaults and embedded architectures
   4. loading a teacher from a local diffusers folder, the teacher fingerprint
   5. noise prediction, the vc2 x0 rescaling, DDIM sampling with batched CFG, VAE decoding
@@ -13,10 +13,13 @@ No stage algorithm lives here (DESIGN.md). What is here:
 import contextlib
 import copy
 import datetime
+import errno
 import gzip
 import hashlib
+import io
 import json
 import os
+import socket
 import sys
 from dataclasses import dataclass, field
 
@@ -36,14 +39,29 @@ class UserError(Exception):
 
 
 def cli(main, parser):
-    """Parse arguments and run `main(args)`; a UserError becomes a one-line error and exit 2."""
+    """Parse arguments and run `main(args)`; a UserError, or an OSError naming a file (unreadable, a folder,
+    a full disk), becomes a one-line error and exit 2. Any other exception is a bug: it keeps its traceback."""
     args = parser.parse_args()
     quiet_libraries()
     try:
         return main(args)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (UserError, OSError) as e:
+        err = e if isinstance(e, UserError) else file_error(e)
+        if err is None:
+            raise
+        print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+
+
+def file_error(e, path=None):
+    """The one-line UserError `FILE: what is wrong` for an OSError met reading or writing `path` (or the file
+    the error names); None for an OSError that names no file and is no full disk (not a bad input)."""
+    name = e.filename if e.filename is not None else path
+    if name is None and e.errno not in (errno.ENOSPC, errno.EDQUOT):
+        return None
+    what = {errno.ENOENT: "no such file", errno.EISDIR: "is a folder, expected a file",
+            errno.EACCES: "permission denied"}.get(e.errno, (e.strerror or str(e)).lower())
+    return UserError(f"{name}: {what}" if name is not None else what)
 
 
 def quiet_libraries():
@@ -60,7 +78,9 @@ def quiet_libraries():
 # ----------------------------------------------------------------------------- 2. files
 @contextlib.contextmanager
 def atomic_path(path):
-    """Yield a temporary name beside `path`; rename it into place only if the block succeeds."""
+    """Yield a temporary name beside `path`; rename it into place only if the block succeeds. A failed
+    write (full disk, no permission) is a one-line UserError naming `path`; the temporary file is removed
+    and an older `path` stays as it was."""
     path = str(path)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     root, ext = os.path.splitext(path)
@@ -68,8 +88,12 @@ def atomic_path(path):
     try:
         yield tmp
         os.replace(tmp, path)
+    except OSError as e:
+        if e.filename not in (None, tmp, path):  # another file the block touched: its own error
+            raise
+        raise UserError(f"{path}: cannot write it ({(e.strerror or str(e)).lower()})") from None
     finally:
-        if os.path.exists(tmp):
+        with contextlib.suppress(OSError):
             os.remove(tmp)
 
 
@@ -79,12 +103,29 @@ def write_json(path, obj):
         f.write("\n")
 
 
+def read_text(path):
+    """A UTF-8 text file's contents (a BOM dropped); a missing, unreadable or undecodable file, or a
+    folder, is a one-line UserError naming it (and the line of the first bad byte)."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read().removeprefix(b"\xef\xbb\xbf")
+    except OSError as e:
+        raise file_error(e, path) from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise UserError(f"{path}:{line}: not UTF-8 text (byte 0x{data[e.start]:02x}); save it as UTF-8") from None
+
+
+def read_lines(path):
+    """The lines of a UTF-8 text file as `open(path)` gives them (universal newlines)."""
+    return io.StringIO(read_text(path), newline=None).readlines()
+
+
 def read_json(path):
     try:
-        with open(path) as f:
-            return json.load(f)
-    except FileNotFoundError:
-        raise UserError(f"{path}: no such file")
+        return json.loads(read_text(path))
     except json.JSONDecodeError as e:
         raise UserError(f"{path}:{e.lineno}: not valid JSON ({e.msg})")
 
@@ -97,26 +138,23 @@ def write_jsonl(path, rows):
 
 def read_jsonl(path, required=()):
     """Rows of a JSONL file; each must be an object holding the `required` keys (dotted for nesting)."""
-    if not os.path.exists(path):
-        raise UserError(f"{path}: no such file")
     rows = []
-    with open(path) as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path}:{n}: not valid JSON ({e.msg})")
-            if not isinstance(row, dict):
-                raise UserError(f"{path}:{n}: expected a JSON object, got {type(row).__name__}")
-            for key in required:
-                node = row
-                for part in key.split("."):
-                    if not isinstance(node, dict) or part not in node:
-                        raise UserError(f"{path}:{n}: missing field '{key}'")
-                    node = node[part]
-            rows.append(row)
+    for n, line in enumerate(read_lines(path), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}:{n}: not valid JSON ({e.msg})")
+        if not isinstance(row, dict):
+            raise UserError(f"{path}:{n}: expected a JSON object, got {type(row).__name__}")
+        for key in required:
+            node = row
+            for part in key.split("."):
+                if not isinstance(node, dict) or part not in node:
+                    raise UserError(f"{path}:{n}: missing field '{key}'")
+                node = node[part]
+        rows.append(row)
     return rows
 
 
@@ -129,10 +167,7 @@ def read_prompts(path):
                 raise UserError(f"{path}: row {n}: 'prompt' must be a non-empty string")
             prompts.append(row["prompt"].strip())
     else:
-        if not os.path.exists(path):
-            raise UserError(f"{path}: no such file")
-        with open(path) as f:
-            prompts = [ln.strip() for ln in f if ln.strip() and not ln.lstrip().startswith("#")]
+        prompts = [ln.strip() for ln in read_lines(path) if ln.strip() and not ln.lstrip().startswith("#")]
     if not prompts:
         raise UserError(f"{path}: no prompts in file")
     return prompts
@@ -150,6 +185,11 @@ def write_video(path, frames, fps):
                          macro_block_size=1, pixelformat="yuv420p", format="FFMPEG")
 
 
+def write_videos(paths, videos, fps):
+    """write_video for each (path, video), side by side on threads (each write is an ffmpeg process)."""
+    in_threads(lambda sl: [write_video(p, v, fps) for p, v in zip(paths[sl], videos[sl])], len(paths), "cpu")
+
+
 def read_video(path):
     """uint8 frames (F, H, W, 3) of a video file."""
     import imageio.v2 as imageio
@@ -160,6 +200,58 @@ def read_video(path):
         return np.stack(imageio.mimread(path, format="FFMPEG", memtest=False))
     except Exception as e:  # imageio raises many kinds on a broken file
         raise UserError(f"{path}: cannot read video ({type(e).__name__}: {e})".splitlines()[0])
+
+
+def lock_holder(path):
+    """(pid, host) written in a lock file; None when there is no lock."""
+    try:
+        with open(path) as f:
+            pid, host = f.read().split()
+        return int(pid), host
+    except FileNotFoundError:
+        return None
+    except ValueError:  # being written this instant, or garbled: held by someone unknown
+        return 0, "an unknown host"
+
+
+def take_lock(path):
+    """Create `path` holding this pid and host (O_EXCL: one holder, for one run per work dir). A lock whose
+    pid is gone from this host is taken over with a notice; a live one, or one from another host, is a
+    one-line error naming its holder."""
+    host = socket.gethostname()
+    while True:
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            break
+        except FileExistsError:
+            held = lock_holder(path)
+            if held is None:  # released meanwhile
+                continue
+            pid, where = held
+            if where != host or pid_alive(pid):
+                raise UserError(f"{path}: another run (pid {pid} on {where}) is using this folder; wait for it "
+                                f"to end (if that process is gone, delete the lock)")
+            print(f"[lock] {path}: its pid {pid} is no longer running on this host; taking the lock over")
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path)
+    with os.fdopen(fd, "w") as f:
+        f.write(f"{os.getpid()} {host}\n")
+
+
+def pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        pass
+    return True
+
+
+def release_lock(path):
+    """Remove `path` if this process holds it."""
+    if lock_holder(path) == (os.getpid(), socket.gethostname()):
+        os.remove(path)
 
 
 def bytes_to_unicode():
@@ -351,13 +443,16 @@ def load_motion_adapter(path, heads=8, norm_groups=32):
         return MotionAdapter.from_pretrained(path)
     if not os.path.isfile(path):
         raise UserError(f"{path}: motion adapter not found (a MotionAdapter folder or an AnimateDiff .ckpt)")
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
+    try:  # a cut download or another kind of file fails here, naming itself
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
 
-        sd = load_file(path)
-    else:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
-        sd = sd.get("state_dict", sd)
+            sd = load_file(path)
+        else:
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+            sd = sd.get("state_dict", sd)
+    except Exception as e:
+        raise UserError(f"{path}: cannot read the motion module ({type(e).__name__}: {e})".splitlines()[0])
     sd = convert_animatediff_checkpoint_to_diffusers(sd)
     widths = [sd[f"down_blocks.{i}.motion_modules.0.norm.weight"].numel()
               for i in range(8) if f"down_blocks.{i}.motion_modules.0.norm.weight" in sd]
@@ -376,10 +471,54 @@ def load_motion_adapter(path, heads=8, norm_groups=32):
     return adapter
 
 
-def load_teacher(family, path, motion_adapter="", device="cpu"):
+def frozen_dtype(device, precision="auto"):
+    """The weight dtype of models that are only run, never trained (the teacher, the DPO reference, students
+    that are sampled): bf16 on CUDA (auto), float32 elsewhere. A trained student keeps float32 master weights."""
+    if precision not in ("auto", "fp32", "bf16"):
+        raise UserError(f"--precision must be auto, fp32 or bf16 (got {precision!r})")
+    bf16 = precision == "bf16" or (precision == "auto" and str(device).startswith("cuda"))
+    return torch.bfloat16 if bf16 else torch.float32
+
+
+def autocast(device, enabled):
+    """bf16 autocast on the device's type when enabled (matmuls and convolutions in bf16, reductions in fp32)."""
+    return torch.autocast(str(device).split(":")[0], dtype=torch.bfloat16, enabled=enabled)
+
+
+@contextlib.contextmanager
+def loading(path):
+    """diffusers and transformers fail on a damaged model folder with many kinds of errors (an OSError
+    without a file name, a safetensors or a JSON error): one line naming the folder instead."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except UserError:
+        raise
+    except (OSError, ValueError, RuntimeError, SafetensorError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise UserError(f"{path}: cannot load this model folder ({first[:300]})")
+
+
+def load_unet(family, path, motion_adapter=""):
+    """The teacher's denoiser as stored, on the CPU: UNet3DConditionModel (vc2/toy) or UNetMotionModel built
+    from the SD-1.5 UNet and the MotionAdapter (animatediff)."""
+    from diffusers import UNet2DConditionModel, UNet3DConditionModel, UNetMotionModel
+
+    if family.name != "animatediff":
+        return UNet3DConditionModel.from_pretrained(path, subfolder="unet")
+    if not motion_adapter:
+        raise UserError("--motion-adapter is required for --model animatediff (a MotionAdapter folder "
+                        "or an original AnimateDiff motion-module .ckpt)")
+    return UNetMotionModel.from_unet2d(UNet2DConditionModel.from_pretrained(path, subfolder="unet"),
+                                       load_motion_adapter(motion_adapter))
+
+
+def load_teacher(family, path, motion_adapter="", device="cpu", dtype=None):
     """The frozen teacher M_0 from local folders (vc2/toy: one diffusers folder in the layout that
-    TextToVideoSDPipeline saves; animatediff: an SD-1.5 folder plus a MotionAdapter folder)."""
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel, UNet3DConditionModel, UNetMotionModel
+    TextToVideoSDPipeline saves; animatediff: an SD-1.5 folder plus a MotionAdapter folder), its weights
+    in `dtype` (None = frozen_dtype(device): bf16 on CUDA, float32 elsewhere)."""
+    from diffusers import AutoencoderKL, DDIMScheduler
     from transformers import CLIPTextModel, CLIPTokenizer
 
     path = path or family.default_teacher
@@ -389,26 +528,23 @@ def load_teacher(family, path, motion_adapter="", device="cpu"):
         raise UserError(f"{path}: teacher folder not found")
     for name in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
         _subfolder(path, name)
-    vae = AutoencoderKL.from_pretrained(path, subfolder="vae")
-    text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder")
-    tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer")
-    scheduler = DDIMScheduler.from_pretrained(path, subfolder="scheduler")
-    if family.name == "animatediff":
-        if not motion_adapter:
-            raise UserError("--motion-adapter is required for --model animatediff (a MotionAdapter folder "
-                            "or an original AnimateDiff motion-module .ckpt)")
-        unet = UNetMotionModel.from_unet2d(UNet2DConditionModel.from_pretrained(path, subfolder="unet"),
-                                           load_motion_adapter(motion_adapter))
-        # AnimateDiff samples with a linear-beta DDIM (its published inference settings).
+    with loading(path):  # a damaged folder: one line naming it
+        vae = AutoencoderKL.from_pretrained(path, subfolder="vae")
+        text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder")
+        tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer")
+        scheduler = DDIMScheduler.from_pretrained(path, subfolder="scheduler")
+        unet = load_unet(family, path, motion_adapter)
+    if family.name == "animatediff":  # AnimateDiff samples with a linear-beta DDIM (its published settings)
         scheduler = DDIMScheduler.from_config(scheduler.config, beta_schedule="linear", clip_sample=False,
                                               timestep_spacing="linspace", steps_offset=1)
-    else:
-        unet = UNet3DConditionModel.from_pretrained(path, subfolder="unet")
     parts = (unet, vae, text_encoder)
-    for m in parts:  # float32 master weights whatever the stored dtype; autocast does the rest
-        m.requires_grad_(False).eval().to(device, torch.float32)
+    for m in parts:  # float32 whatever the stored dtype: the fingerprint is taken before any cast
+        m.requires_grad_(False).eval().to(torch.float32)
+    fp = fingerprint(*parts)  # the same for a bf16 and a float32 load, on any device
+    for m in parts:
+        m.to(device, dtype or frozen_dtype(device))
     return Teacher(family, os.path.abspath(path), unet, vae, text_encoder, tokenizer, scheduler,
-                   fingerprint(*parts), os.path.abspath(motion_adapter) if motion_adapter else "")
+                   fp, os.path.abspath(motion_adapter) if motion_adapter else "")
 
 
 # ----------------------------------------------------------------------------- 5. sampling plumbing
@@ -482,33 +618,80 @@ def ddim_step(family, scheduler, x, eps, t, prev_t, eta=0.0, noise=None, x0_resc
     return x_prev
 
 
+def cpu_workers():
+    """Threads a CPU stage samples on: OMP_NUM_THREADS when set, else the cores this process may use."""
+    n = os.environ.get("OMP_NUM_THREADS", "")
+    if n.isdigit() and int(n) > 0:
+        return int(n)
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+@contextlib.contextmanager
+def intra_op_threads(n):
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def in_threads(fn, n, device, workers=None):
+    """[fn(slice) for up to `workers` (default cpu_workers()) contiguous slices of range(n)], in order. On a
+    CPU the slices run side by side, one Python thread each with one intra-op thread (PyTorch's kernels
+    release the GIL): the cores work on different videos and never wait on each other, so a busy machine
+    slows the work in proportion, not threefold as OpenMP's spinning threads do when a core is taken. On a
+    GPU, or with one worker, a single call. The split is fixed by the worker count: videos agree across
+    worker counts to float rounding, and are identical for the same count."""
+    workers = min(n, workers or cpu_workers())
+    if workers <= 1 or not str(device).startswith("cpu"):
+        return [fn(slice(0, n))]
+    from concurrent.futures import ThreadPoolExecutor
+
+    grad = torch.is_grad_enabled()  # thread-local, like autocast: each thread sets its own
+
+    def run(sl):
+        with torch.set_grad_enabled(grad):
+            return fn(sl)
+
+    bounds = [round(k * n / workers) for k in range(workers + 1)]
+    with intra_op_threads(1), ThreadPoolExecutor(workers) as pool:
+        return list(pool.map(run, [slice(a, b) for a, b in zip(bounds, bounds[1:])]))
+
+
 @torch.no_grad()
 def sample(family, unet, scheduler, cond, uncond, seeds, shape, steps, cfg, eta=0.0, x0_rescale=True,
-           progress=False):
+           progress=False, bf16=False):
     """DDIM sampling with classifier-free guidance in one batched forward.
 
     cond (N, L, D) text embeddings, uncond (1, L, D) the embedding of "", one seed per sample fixes
     the initial noise and the eta noise, so the teacher and a student given the same seeds start from
-    the same x_T. Returns the final latents (N, C, F, h, w) in float32.
+    the same x_T. The UNet runs in its weights' dtype, under bf16 autocast when `bf16` (a float32 student
+    sampled on CUDA); the DDIM update is float32. Returns the final latents (N, C, F, h, w) in float32.
     """
     from tqdm import tqdm
 
     device = cond.device
     dtype = next(unet.parameters()).dtype
-    n = cond.shape[0]
-    x = seeded_noise(seeds, shape).to(device)  # (N, C, F, h, w)
     scheduler.set_timesteps(steps)
-    emb = torch.cat([uncond.expand(n, -1, -1), cond]).to(dtype)  # (2N, L, D): [uncond; cond]
-    gens = [torch.Generator().manual_seed(int(s) + 1) for s in seeds]
     timesteps = scheduler.timesteps.tolist()
-    for i, t in enumerate(tqdm(timesteps, desc="ddim", leave=False, disable=not progress)):
-        tt = torch.full((2 * n,), t, device=device, dtype=torch.long)
-        eps_u, eps_c = predict_noise(family, unet, torch.cat([x, x]).to(dtype), tt, emb).float().chunk(2)
-        eps = eps_u + cfg * (eps_c - eps_u)
-        noise = torch.stack([torch.randn(shape, generator=g) for g in gens]).to(device) if eta > 0 else None
-        prev_t = timesteps[i + 1] if i + 1 < len(timesteps) else -1  # "leading": t - T // steps
-        x = ddim_step(family, scheduler, x, eps, t, prev_t, eta, noise, x0_rescale)
-    return x
+
+    def part(sl):  # the videos sl of the batch, all steps
+        n = len(seeds[sl])
+        x = seeded_noise(seeds[sl], shape).to(device)  # (n, C, F, h, w)
+        emb = torch.cat([uncond.expand(n, -1, -1), cond[sl]]).to(dtype)  # (2n, L, D): [uncond; cond]
+        gens = [torch.Generator().manual_seed(int(s) + 1) for s in seeds[sl]]
+        for i, t in enumerate(tqdm(timesteps, desc="ddim", leave=False, disable=not progress)):
+            tt = torch.full((2 * n,), t, device=device, dtype=torch.long)
+            with autocast(device, bf16):
+                eps_u, eps_c = predict_noise(family, unet, torch.cat([x, x]).to(dtype), tt, emb).float().chunk(2)
+            eps = eps_u + cfg * (eps_c - eps_u)
+            noise = torch.stack([torch.randn(shape, generator=g) for g in gens]).to(device) if eta > 0 else None
+            prev_t = timesteps[i + 1] if i + 1 < len(timesteps) else -1  # "leading": t - T // steps
+            x = ddim_step(family, scheduler, x, eps, t, prev_t, eta, noise, x0_rescale)
+        return x
+
+    return torch.cat(in_threads(part, len(seeds), device))  # (N, C, F, h, w)
 
 
 @torch.no_grad()
@@ -518,11 +701,10 @@ def decode(vae, latents, chunk=16):
     z = latents.permute(0, 2, 1, 3, 4).reshape(n * f, c, h, w)  # (N*F, C, h, w)
     dtype = next(vae.parameters()).dtype
     device = next(vae.parameters()).device
-    frames = []
-    for i in range(0, z.shape[0], chunk):
-        zi = (z[i:i + chunk] / vae.config.scaling_factor).to(device, dtype)
-        frames.append(vae.decode(zi).sample.float().clamp(-1, 1).cpu())
-    x = torch.cat(frames)  # (N*F, 3, H, W) in [-1, 1]
+    starts = range(0, z.shape[0], chunk)
+    part = lambda sl: [vae.decode((z[i:i + chunk] / vae.config.scaling_factor).to(device, dtype)).sample.float()
+                       .clamp(-1, 1).cpu() for i in starts[sl]]
+    x = torch.cat(sum(in_threads(part, len(starts), device), []))  # (N*F, 3, H, W) in [-1, 1]
     x = ((x + 1) * 127.5).round().to(torch.uint8)
     return x.reshape(n, f, 3, x.shape[-2], x.shape[-1]).permute(0, 1, 3, 4, 2).numpy()  # (N, F, H, W, 3)
 
@@ -536,21 +718,24 @@ def add_sampling_args(p):
     p.add_argument("--height", type=int, default=0, help="height in pixels (0 = family default)")
     p.add_argument("--width", type=int, default=0, help="width in pixels (0 = family default)")
     p.add_argument("--no-x0-rescale", action="store_true", help="vc2: sample without VC2's x0 rescaling")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                   help="auto = bf16 weights and autocast on CUDA, float32 elsewhere")
 
 
-def sampling_settings(args, family):
+def sampling_settings(args, family, device="cpu"):
     """The sampler settings a run uses, family defaults filled in (part of every cache key)."""
     return {"steps": args.steps or family.steps, "cfg": args.cfg or family.cfg,
             "eta": family.eta if args.eta < 0 else args.eta, "x0_rescale": not args.no_x0_rescale,
             "frames": args.frames or family.frames, "height": args.height or family.height,
-            "width": args.width or family.width}
+            "width": args.width or family.width,
+            "precision": "bf16" if frozen_dtype(device, args.precision) == torch.bfloat16 else "fp32"}
 
 
 def generate(teacher, unet, cond, uncond, seeds, s):
     """Latents (N, C, F, h, w) and uint8 videos (N, F, H, W, 3) of `unet` under settings `s`."""
     shape = latent_shape(teacher, s["frames"], s["height"], s["width"])
     lat = sample(teacher.family, unet, teacher.scheduler, cond, uncond, seeds, shape, s["steps"], s["cfg"],
-                 s["eta"], s["x0_rescale"])
+                 s["eta"], s["x0_rescale"], bf16=s.get("precision") == "bf16")
     return lat, decode(teacher.vae, lat)
 
 
@@ -624,10 +809,12 @@ def read_student_meta(path):
 
     if not os.path.exists(path):
         raise UserError(f"{path}: no such student checkpoint")
+    if os.path.isdir(path):
+        raise UserError(f"{path}: is a folder, expected a student checkpoint (.safetensors)")
     try:
         with safe_open(path, "pt") as f:
             meta = f.metadata() or {}
-    except Exception as e:
+    except Exception as e:  # safetensors' own error (a corrupt or cut file), or an OSError (no permission)
         raise UserError(f"{path}: not a safetensors file ({e})")
     if meta.get("format") != STUDENT_FORMAT:
         raise UserError(f"{path}: not a student checkpoint (format '{meta.get('format')}', "
@@ -647,14 +834,14 @@ def check_student(path, meta, teacher):
     return meta
 
 
-def load_student(path, teacher):
-    """Rebuild a student: the teacher's architecture, removed layers as identities, strict load.
-    Refuses a checkpoint made from another family or another teacher, naming both."""
+def load_student(path, teacher, dtype=None):
+    """Rebuild a student: the teacher's architecture, removed layers as identities, strict load, weights
+    in `dtype` (None = the teacher's). Refuses a checkpoint made from another family or another teacher."""
     from safetensors.torch import load_file
 
     meta = check_student(path, read_student_meta(path), teacher)
     fam = teacher.family
-    unet = remove_layers(copy.deepcopy(teacher.unet), meta["removed"])
+    unet = remove_layers(copy.deepcopy(teacher.unet), meta["removed"]).to(dtype or teacher_dtype(teacher))
     sd = load_file(path)
     expected = set(trainable_keys(fam, unet))
     missing, unexpected = sorted(expected - set(sd)), sorted(set(sd) - expected)
@@ -666,11 +853,23 @@ def load_student(path, teacher):
     return unet, meta
 
 
-def load_model(teacher, student_path=""):
-    """The student at `student_path`, or a copy of the teacher when no path is given (round 0)."""
+def teacher_dtype(teacher):
+    return next(teacher.unet.parameters()).dtype
+
+
+def load_model(teacher, student_path="", dtype=None):
+    """The student at `student_path`, or a copy of the teacher when no path is given (round 0), with weights
+    in `dtype` (None = the teacher's). A float32 copy of a bf16 teacher is read again from its folder, so
+    a student to be trained starts from the teacher's exact weights, not from their bf16 rounding."""
+    dtype = dtype or teacher_dtype(teacher)
     if student_path:
-        return load_student(student_path, teacher)
-    return copy.deepcopy(teacher.unet), {"removed": [], "round": "0"}
+        return load_student(student_path, teacher, dtype)
+    if dtype == teacher_dtype(teacher):
+        return copy.deepcopy(teacher.unet), {"removed": [], "round": "0"}
+    device = next(teacher.unet.parameters()).device
+    with loading(teacher.path):
+        unet = load_unet(teacher.family, teacher.path, teacher.motion_adapter).requires_grad_(False).eval()
+    return unet.to(device, dtype), {"removed": [], "round": "0"}
 
 
 def load_pipeline(teacher_path, student_path="", family="vc2", motion_adapter="", device="cpu"):
@@ -701,7 +900,7 @@ def load_pipeline(teacher_path, student_path="", family="vc2", motion_adapter=""
     from diffusers import AnimateDiffPipeline, TextToVideoSDPipeline
 
     fam = get_family(family)
-    teacher = load_teacher(fam, teacher_path, motion_adapter, resolve_device(device))
+    teacher = load_teacher(fam, teacher_path, motion_adapter, resolve_device(device), torch.float32)
     unet, _ = load_model(teacher, student_path) if student_path else (teacher.unet, None)
     parts = dict(vae=teacher.vae, text_encoder=teacher.text_encoder, tokenizer=teacher.tokenizer, unet=unet,
                  scheduler=teacher.scheduler)

@@ -13,8 +13,9 @@ Every step runs one stage script: as a separate process when --nproc > 1 (under 
 --isolate, otherwise inside this process (the stage's own `main(args)`, its output logged the same
 way), which saves the ~10 s of importing torch, diffusers and transformers per step on a CPU. Every
 step's outputs live under WORK_DIR/round-k/. A step is complete when its final file exists
-(stages write it last and atomically): a rerun skips complete steps and redoes partial ones.
-The teacher's videos are cached in WORK_DIR/teacher_cache and reused by every round. It ends by
+(stages write it last and atomically): a rerun skips complete steps and redoes partial ones
+(ReDPO on vc2 / animatediff continues from its training state, saved every 100 steps). The
+teacher's videos are cached in WORK_DIR/teacher_cache and reused by every round. It ends by
 printing one table: per round, parameters, FLOPs, the four scores and their average, pairs made
 and kept (also written to WORK_DIR/results.md and results.json).
 
@@ -23,15 +24,26 @@ Ablations:   python online_loop.py --loss sft    |   python online_loop.py --no-
 VC2, 1 GPU:  python online_loop.py --model vc2      (VideoScore reward, teacher and scorer from ckpt/, prompts/)
 AnimateDiff: python online_loop.py --model animatediff
 8 GPUs:      python online_loop.py ... --nproc 8     (each heavy stage runs under torchrun)
+2 nodes:     python online_loop.py ... --nproc 8 --nnodes 2 --node-rank R --rdzv-endpoint NODE0:29500  (on each)
+
+One loop per work dir: it holds WORK_DIR/loop.lock (pid, host) from its first write to its exit (SIGTERM
+included); a second loop there stops at once; a lock whose process is gone from this host is taken over.
+Many nodes on a shared filesystem: the same command runs on every node with its own --node-rank (node R > 0
+locks WORK_DIR/loop.nodeR.lock). Every heavy step (evaluate, make pairs, filter, redpo) runs under torchrun
+on all nodes, joined by a c10d rendezvous at --rdzv-endpoint; the light single-process steps (prune, curate,
+keeping the pruned student, the results) run on node 0 alone while the other nodes wait for their file.
 """
 import argparse
 import contextlib
 import importlib
 import json
 import os
+import re
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 import time
 
 import models
@@ -115,6 +127,10 @@ def get_parser():
     p.add_argument("--probe-steps", type=int, default=0, help="DDIM steps of pruning's probe videos (0 = --steps)")
     p.add_argument("--nproc", type=int, default=1, help="processes per heavy stage (torchrun) ")
     p.add_argument("--isolate", action="store_true", help="run every stage as its own process even with --nproc 1")
+    p.add_argument("--nnodes", type=int, default=1, help="nodes the heavy stages span (start the loop on each)")
+    p.add_argument("--node-rank", type=int, default=0, help="this node's rank (node 0 runs the light steps)")
+    p.add_argument("--rdzv-endpoint", default="", help="HOST:PORT for torchrun's c10d rendezvous, HOST being "
+                   "node 0 (needed with --nnodes > 1; the same on every node)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     return p
@@ -162,8 +178,11 @@ def run_inline(argv, log):
         try:
             module.main(module.get_parser().parse_args([str(a) for a in argv[1:]]))
             code = 0
-        except models.UserError as e:
-            print(f"error: {e}", file=sys.stderr)
+        except (models.UserError, OSError) as e:  # as models.cli: an OSError naming no file is a bug
+            err = e if isinstance(e, models.UserError) else models.file_error(e)
+            if err is None:
+                raise
+            print(f"error: {err}", file=sys.stderr)
             code = 2
         except SystemExit as e:  # argparse
             code = e.code if isinstance(e.code, int) else 1
@@ -173,28 +192,41 @@ def run_inline(argv, log):
     return code
 
 
-def run_step(name, marker, argv, log_path, nproc=1, isolate=False):
-    """Run one stage unless `marker` exists (as a process under torchrun when nproc > 1 or isolate,
-    else in this process); stream and save its output."""
+def launcher(nproc, nnodes=1, endpoint="", run_id="vip"):
+    """The command that starts a stage script: Python, under torchrun for several processes or nodes."""
+    torchrun = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}"]
+    if nnodes > 1:  # every node's torchrun joins one rendezvous (c10d numbers the nodes: no --node-rank);
+        #             a run id per step keeps the steps apart
+        return torchrun + [f"--nnodes={nnodes}", "--rdzv-backend=c10d", f"--rdzv-endpoint={endpoint}",
+                           f"--rdzv-id={run_id}"]
+    return torchrun + ["--standalone"] if nproc > 1 else [sys.executable]
+
+
+def run_step(name, marker, argv, log_path, nproc=1, isolate=False, launch=None):
+    """Run one stage unless `marker` exists (as a process started by `launch`, default launcher(nproc), when
+    that is torchrun or with isolate, else in this process); stream and save its output."""
     if os.path.exists(marker):
         print(f"[skip] {name}: {os.path.relpath(marker)} exists")
         return False
     os.makedirs(os.path.dirname(log_path), exist_ok=True)
     print(f"[run ] {name}: {' '.join(argv[:1] + [str(a) for a in argv[1:]])}", flush=True)
     t0 = time.time()
+    launch = launch or launcher(nproc)
     with open(log_path, "w") as log:
-        if nproc > 1 or isolate:
-            launcher = [sys.executable]
-            if nproc > 1:
-                launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-            cmd = launcher + [os.path.join(HERE, argv[0])] + [str(a) for a in argv[1:]]
+        if len(launch) > 1 or isolate:
+            cmd = launch + [os.path.join(HERE, argv[0])] + [str(a) for a in argv[1:]]
             proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=HERE,
                                     env={**os.environ, "PYTHONUNBUFFERED": "1"})
-            for raw in proc.stdout:  # bytes split on "\n" only: a progress bar's "\r" updates stay one line
-                line = raw.decode(errors="replace")
-                log.write(line)
-                sys.stdout.write("       " + line.split("\r")[-1])  # a progress bar shows its final state
-            code = proc.wait()
+            try:
+                for raw in proc.stdout:  # bytes split on "\n" only: a progress bar's "\r" updates stay one line
+                    line = raw.decode(errors="replace")
+                    log.write(line)
+                    sys.stdout.write("       " + line.split("\r")[-1])  # a progress bar shows its final state
+                code = proc.wait()
+            finally:  # the loop stops (an error, Ctrl-C, SIGTERM): its stage stops too, not left running
+                if proc.poll() is None:
+                    proc.terminate()
+                    proc.wait()
         else:
             code = run_inline(argv, log)
     if code != 0:
@@ -203,13 +235,35 @@ def run_step(name, marker, argv, log_path, nproc=1, isolate=False):
     return True
 
 
+def wait_for(name, marker, work, poll=10.0, grace=300.0):
+    """Node rank > 0: wait until node 0 has made `marker`; stop if node 0's loop is gone (no lock for `grace` s)."""
+    if os.path.exists(marker):
+        print(f"[skip] {name}: {os.path.relpath(marker)} exists")
+        return
+    print(f"[wait] {name}: node 0 makes {os.path.relpath(marker)}", flush=True)
+    lock, t0 = os.path.join(work, "loop.lock"), time.time()
+    seen = t0
+    while not os.path.exists(marker):
+        if os.path.exists(lock):
+            seen = time.time()
+        elif time.time() - seen > grace:
+            raise models.UserError(f"{marker}: node 0 did not make it and its loop is not running (no {lock} "
+                                   f"for {grace:.0f}s); see node 0's output")
+        time.sleep(poll)
+    print(f"       {name}: ready after {time.time() - t0:.0f}s", flush=True)
+
+
 def count_lines(path):
-    return sum(1 for ln in open(path) if ln.strip()) if os.path.exists(path) else 0
+    if not os.path.exists(path):
+        return 0
+    with open(path, "rb") as f:
+        return sum(1 for ln in f if ln.strip())
 
 
 def check_work_dir(args, path):
     """A work dir belongs to one configuration: refuse to mix results made with other arguments."""
-    mine = {k: v for k, v in vars(args).items() if k not in ("nproc", "device", "isolate")}
+    mine = {k: v for k, v in vars(args).items()
+            if k not in ("nproc", "device", "isolate", "nnodes", "node_rank", "rdzv_endpoint")}
     if os.path.exists(path):
         old = models.read_json(path)
         diff = [k for k in mine if old.get(k) != mine[k]]
@@ -254,6 +308,23 @@ def table(rows):
 
 
 def main(args):
+    """Run the loop holding the work dir's lock (taken once the inputs are checked), released however it ends;
+    SIGTERM (a cluster's time limit, scancel) ends it like an error, releasing it and stopping the stage."""
+    name = f"loop.node{args.node_rank}.lock" if args.node_rank else "loop.lock"
+    lock = os.path.join(os.path.abspath(args.work_dir), name)
+    main_thread = threading.current_thread() is threading.main_thread()
+    handle = main_thread and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # unless a host program has its own
+    if handle:
+        signal.signal(signal.SIGTERM, lambda sig, frame: sys.exit(128 + sig))
+    try:
+        loop(args, lock)
+    finally:
+        models.release_lock(lock)
+        if handle:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def loop(args, lock):
     family = models.get_family(args.model)
     rounds = 1 if args.no_online else (args.rounds or family.rounds)
     final = args.final_ratio or family.final_ratio
@@ -293,15 +364,24 @@ def main(args):
                 "prompt_pool": pool, "probe_prompts": probe, "eval_prompts": evalp}
     if args.masks_from and not os.path.isdir(args.masks_from):
         raise models.UserError(f"--masks-from {args.masks_from}: no such work dir")
+    if args.nnodes < 1 or not 0 <= args.node_rank < args.nnodes:
+        raise models.UserError(f"--node-rank {args.node_rank} is not in 0..{args.nnodes - 1} (--nnodes {args.nnodes})")
+    if args.nnodes > 1 and not args.rdzv_endpoint:
+        raise models.UserError("--nnodes > 1 needs --rdzv-endpoint HOST:PORT (node 0's host and a free port, the same "
+                               "on every node)")
     work = os.path.abspath(args.work_dir)
     os.makedirs(work, exist_ok=True)
+    models.take_lock(lock)
     # the work dir records the scorer resolved (its default depends on the family), the rest as given
-    check_work_dir(argparse.Namespace(**{**vars(args), "scorer": scorer_name, "scorer_path": scorer_path}),
-                   os.path.join(work, "loop.args.json"))
+    record = os.path.join(work, "loop.args.json")
+    if args.node_rank:  # node 0 writes the record, the other nodes check against it
+        wait_for("work dir record", record, work)
+    check_work_dir(argparse.Namespace(**{**vars(args), "scorer": scorer_name, "scorer_path": scorer_path}), record)
 
     # the defaults are relative to this directory: stages get them absolute (a process runs in the repository)
     absolute = lambda given, path: path if given else os.path.abspath(path)
-    base = ["--model", args.model, "--teacher", absolute(args.teacher, teacher), "--device", args.device]
+    base = ["--model", args.model, "--teacher", absolute(args.teacher, teacher), "--device", args.device,
+            "--precision", args.precision]
     if adapter:
         base += ["--motion-adapter", absolute(args.motion_adapter, adapter)]
     sampling = []
@@ -314,7 +394,20 @@ def main(args):
     scorer = ["--scorer", scorer_name] + (["--scorer-path", absolute(args.scorer_path, scorer_path)]
                                           if scorer_path else [])
     probe_sampling = sampling + (["--steps", args.probe_steps] if args.probe_steps else [])
-    run = lambda *a, nproc=1: run_step(*a, nproc=nproc, isolate=args.isolate)
+
+    seconds = {}  # where the time goes: each step run here, by name (results.json)
+
+    def run(name, marker, argv, log, nproc=0):
+        """nproc 0: a light step, run by node 0 alone; else a heavy one, under torchrun on every node."""
+        t = time.time()
+        if not nproc:
+            ran = wait_for(name, marker, work) if args.node_rank else run_step(name, marker, argv, log,
+                                                                               isolate=args.isolate)
+        else:
+            run_id = re.sub(r"[^A-Za-z0-9]+", "-", os.path.relpath(marker, work))  # the same on every node
+            ran = run_step(name, marker, argv, log[:-len(".log")] + f".node{args.node_rank}.log" if args.node_rank
+                           else log, nproc, args.isolate, launcher(nproc, args.nnodes, args.rdzv_endpoint, run_id))
+        seconds[name] = seconds.get(name, 0) + (time.time() - t if ran else 0)  # summed over the rounds
     t0 = time.time()
 
     # Round 0: the teacher's own scores and cost on the eval prompts, once.
@@ -364,7 +457,9 @@ def main(args):
              "--score-cache", os.path.join(work, "score_cache.jsonl"), *(["--keep-all"] if args.no_filter else []),
              "--tau", args.tau, "--device", args.device], log("filter"), nproc=args.nproc)
         if not os.path.exists(student):
-            if count_lines(kept) == 0:  # nothing to learn from: the round keeps the pruned student
+            if count_lines(kept) == 0 and args.node_rank:
+                wait_for("keep the pruned student", student, work)
+            elif count_lines(kept) == 0:  # nothing to learn from: the round keeps the pruned student
                 print(f"[warn] {name}: no pair passed the filter; the round's student is the pruned model")
                 shutil.copyfile(pruned, student + ".tmp")
                 os.replace(student + ".tmp", student)
@@ -373,7 +468,9 @@ def main(args):
                     ["redpo.py", *base, "--student", pruned, "--pairs", kept, "--out", student, "--loss", args.loss,
                      "--beta", args.beta or family.beta, "--w-sft", args.w_sft, "--reference", args.reference,
                      "--uncond-prob", args.uncond_prob, "--max-steps", steps, "--batch-size", args.train_batch_size,
-                     "--lr", args.lr, "--seed", args.seed], log("redpo"), nproc=args.nproc)
+                     "--lr", args.lr, "--seed", args.seed,
+                     # real runs keep a training state every 100 steps: a rerun of the loop resumes inside ReDPO
+                     *([] if toy else ["--save-every", 100])], log("redpo"), nproc=args.nproc)
         if args.eval_rounds == "all" or (args.eval_rounds == "last" and k == len(ratios)):
             run("evaluate", os.path.join(rd, "eval", "report.json"),
                 ["evaluate.py", *base, "--no-teacher", "--students", pruned, student, "--labels", "pruned", "student",
@@ -381,13 +478,20 @@ def main(args):
                  "--samples", eval_samples, "--seed", args.seed], log("evaluate"), nproc=args.nproc)
         previous = student
 
+    if args.node_rank:
+        print(f"\nnode {args.node_rank}: every step done in {time.time() - t0:.0f}s; node 0 writes the results")
+        return
     rows = round_rows(work, names)
     text = table(rows)
-    models.write_json(os.path.join(work, "results.json"), {"args": vars(args), "resolved": resolved, "rows": rows})
+    models.write_json(os.path.join(work, "results.json"), {"args": vars(args), "resolved": resolved, "rows": rows,
+                                                            "seconds": {k: round(v, 1) for k, v in seconds.items()}})
     with models.atomic_path(os.path.join(work, "results.md")) as tmp, open(tmp, "w") as f:
         f.write(f"V.I.P. on {args.model}: {'one-shot (no online)' if args.no_online else f'{rounds} online rounds'}, "
                 f"loss {args.loss}, final ratio {final:.3f}, scorer {scorer_name}\n\n{text}\n")
-    print(f"\n{text}\n\nV.I.P. finished in {time.time() - t0:.0f}s; results in {os.path.relpath(work)}/results.md")
+    total = time.time() - t0
+    print(f"\n{text}\n\nV.I.P. finished in {total:.0f}s (" + ", ".join(
+        f"{k} {v:.0f}s" for k, v in sorted(seconds.items(), key=lambda kv: -kv[1]) if v >= 0.5)
+        + f"); results in {os.path.relpath(work)}/results.md")
 
 
 if __name__ == "__main__":

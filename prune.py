@@ -120,10 +120,11 @@ def spearman(a, b):
 
 
 @torch.no_grad()
-def predictions(family, unet, cond, x_t, t):
+def predictions(family, unet, cond, x_t, t, bf16=False):
     """eps of `unet` on probe inputs x_t (N, C, F, h, w) at each timestep of t (K,): (K, N, C, F, h, w)."""
-    return torch.stack([models.predict_noise(family, unet, x_t, torch.full((x_t.shape[0],), tk, device=x_t.device),
-                                             cond) for tk in t.tolist()])
+    with models.autocast(x_t.device, bf16):
+        return torch.stack([models.predict_noise(family, unet, x_t, torch.full((x_t.shape[0],), tk, device=x_t.device),
+                                                 cond).float() for tk in t.tolist()])
 
 
 def importance(args, family, unet, teacher, cands, prompts, device):
@@ -135,7 +136,8 @@ def importance(args, family, unet, teacher, cands, prompts, device):
     prompts_all = [p for _ in range(S) for p in prompts]                       # S sets of the probe prompts
     seeds = [args.seed + 10007 * s + i for s in range(S) for i in range(len(prompts))]
     cond = models.encode_prompts(teacher, prompts_all).to(device)
-    settings = models.sampling_settings(args, family)
+    settings = models.sampling_settings(args, family, device)
+    bf16 = settings["precision"] == "bf16"
     if args.importance == "reward":
         scorer = rewards.get_scorer(args.scorer, args.scorer_path, device)
         uncond = models.encode_prompts(teacher, [""]).to(device)
@@ -145,9 +147,9 @@ def importance(args, family, unet, teacher, cands, prompts, device):
         shape = models.latent_shape(teacher, settings["frames"], settings["height"], settings["width"])
         x_t = models.seeded_noise(seeds, shape).to(device)  # (N, C, F, h, w) ~ N(0, I)
         t = torch.linspace(0, teacher.scheduler.config.num_train_timesteps - 1, args.timesteps).long()
-        eps_teacher = predictions(family, teacher.unet, cond, x_t, t)  # (K, N, C, F, h, w), computed once
+        eps_teacher = predictions(family, teacher.unet, cond, x_t, t, bf16)  # (K, N, C, F, h, w), computed once
         # higher = better, like a reward: minus the error against the teacher, per probe input
-        measure = lambda: -(predictions(family, unet, cond, x_t, t) - eps_teacher).pow(2).mean(dim=(0, 2, 3, 4, 5))
+        measure = lambda: -(predictions(family, unet, cond, x_t, t, bf16) - eps_teacher).pow(2).mean(dim=(0, 2, 3, 4, 5))
     per_set = lambda r: r.view(S, len(prompts)).mean(1)  # (S,): R of each seed set
     base = per_set(measure())
     table, by_set = {}, {}
@@ -284,8 +286,9 @@ def main(args):
     prompts = models.read_prompts(args.prompts)[:args.num_prompts] if args.prompts else []
     device = models.resolve_device(args.device)
     torch.manual_seed(args.seed)
-    teacher = models.load_teacher(family, args.teacher, args.motion_adapter, device)
-    unet, meta = models.load_model(teacher, args.student)
+    teacher = models.load_teacher(family, args.teacher, args.motion_adapter, device,
+                                  models.frozen_dtype(device, args.precision))
+    unet, meta = models.load_model(teacher, args.student, torch.float32)  # saved exactly: float32 weights
     unet.eval().requires_grad_(False)
     full = models.count_params(family, teacher.unet)
     current = models.count_params(family, unet)

@@ -10,12 +10,20 @@ empty prompt instead of its own (both members), so the unconditional branch that
 guidance uses at sampling time is distilled too. Every --log-every steps the log adds the gradient
 norms of the DPO and SFT terms taken apart, the DPO margin, and the student's distance to the teacher
 (conditional and unconditional) on held-out pairs that are never trained on.
+Data order, t, eps and prompt dropout come from one seeded stream over the global batch (--batch-size
+x processes pairs a micro-batch, each rank training its own slice), so N processes train as one
+process with N times the --batch-size (up to float rounding). With --save-every N the training
+state (weights, optimizer, scheduler, step, RNG, data order, log) is written atomically to
+<out>.state.pt every N steps; rerunning the same command resumes from it and ends with the weights
+of an uninterrupted run. A non-finite input, loss or gradient norm stops with one line, before the
+optimizer step, keeping the last good state.
 
 Tiny CPU:  python redpo.py --model toy --pairs runs/pairs.jsonl --student runs/pruned.safetensors \
                --out runs/redpo.safetensors --max-steps 50
 One GPU:   python redpo.py --model vc2 --teacher ckpt/vc2 --pairs runs/r1/pairs.jsonl \
                --student runs/r1/pruned.safetensors --out runs/r1/redpo.safetensors --max-steps 2000
-Many GPUs: torchrun --nproc_per_node 8 redpo.py ...  (DDP; each rank draws its own batches)
+Many GPUs: torchrun --nproc_per_node 8 redpo.py ... --batch-size 1 --save-every 100  (DDP: the run of one
+               process with --batch-size 8; killed, the same command resumes)
 """
 import argparse
 import copy
@@ -54,6 +62,8 @@ def get_parser():
     p.add_argument("--batch-size", type=int, default=4, help="pairs per micro-batch per process")
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
     p.add_argument("--max-steps", type=int, default=100, help="optimizer steps")
+    p.add_argument("--save-every", type=int, default=0,
+                   help="every N steps write the training state to <out>.state.pt; a rerun resumes from it (0 = off)")
     p.add_argument("--uncond-prob", type=float, default=0.1,
                    help="prompt dropout: probability that a pair trains on the empty prompt (both members)")
     p.add_argument("--heldout-pairs", type=int, default=-1,
@@ -63,7 +73,9 @@ def get_parser():
     p.add_argument("--no-x0-rescale", action="store_true", help="vc2: noise x0 without VC2's scale_t")
     p.add_argument("--grad-checkpointing", action="store_true", help="recompute UNet blocks in backward")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
-                   help="auto = bf16 autocast on CUDA, fp32 elsewhere")
+                   help="auto = on CUDA bf16 (teacher and reference in bf16 weights, the student's float32 master "
+                        "weights under bf16 autocast), float32 elsewhere")
+    p.add_argument("--compile", action="store_true", help="torch.compile the UNets (student, teacher, reference)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     return p
@@ -153,9 +165,14 @@ def load_pairs(path):
         if f not in cache:
             if not os.path.exists(f):
                 raise models.UserError(f"{path}:{n}: missing file {rel}")
-            cache[f] = load_file(f)
+            try:
+                cache[f] = load_file(f)
+            except Exception as e:  # safetensors' error on a corrupt or cut file, or an OSError (a folder, no permission)
+                raise models.UserError(f"{path}:{n}: {rel}: not a safetensors file ({e})") from None
         if key not in cache[f]:
             raise models.UserError(f"{path}:{n}: {rel} holds no '{key}' tensor")
+        if not torch.isfinite(cache[f][key]).all():
+            raise models.UserError(f"{path}:{n}: {rel} holds non-finite values (NaN or inf) in '{key}'")
         return cache[f][key]
 
     x0_w, x0_l, emb = [], [], []
@@ -192,21 +209,27 @@ def trainable_parameters(family, unet):
 
 def train_step(family, scheduler, student, teacher_unet, reference, batch, args, use_bf16, device, loss_fn=redpo_loss):
     """One micro-batch of ReDPO: noise [winners; losers] with a shared t and eps, one student forward
-    (with grad), one teacher forward (no grad) as DPO reference and SFT target. Returns (loss, stats)."""
-    x0_w, x0_l, emb = batch
+    (with grad) and, under no_grad, the teacher's forward as DPO reference and SFT target; with a
+    separate reference (the initial student) its forward on [winners; losers] and the teacher's on the
+    winners only (the SFT target). Returns (loss, stats).
+
+    batch = (x0_w, x0_l, emb, t, eps) on `device`: winners' and losers' latents (B, C, F, h, w), the
+    text embeddings (B, L, D) (the empty prompt's where dropped), and the pairs' timesteps (B,) and
+    noise (B, C, F, h, w), drawn by the caller (the seeded stream of `draw_batch`)."""
+    x0_w, x0_l, emb, t, eps = batch
     B = x0_w.shape[0]
-    T = scheduler.config.num_train_timesteps
     x0 = torch.cat([x0_w, x0_l])                                     # (2B, C, F, h, w): [winners; losers]
-    t = torch.randint(0, T, (B,), device=device).repeat(2)           # (2B,) shared t per pair
-    eps = torch.randn_like(x0_w).repeat(2, 1, 1, 1, 1)               # (2B, C, F, h, w) shared noise
+    t = t.repeat(2)                                                  # (2B,) shared t per pair
+    eps = eps.repeat(2, 1, 1, 1, 1)                                  # (2B, C, F, h, w) shared noise
     x_t = models.add_noise(family, scheduler, x0, eps, t, not args.no_x0_rescale)
     emb2 = torch.cat([emb, emb])                                     # (2B, L, D)
     with torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=use_bf16):
         with torch.no_grad():
-            eps_teacher = models.predict_noise(family, teacher_unet, x_t, t, emb2)
-            eps_ref, eps_teacher_w = eps_teacher, None
-            if reference is not None:  # DPO against the initial student, SFT still on the teacher
-                eps_ref, eps_teacher_w = models.predict_noise(family, reference, x_t, t, emb2), eps_teacher[:B]
+            if reference is None:  # the teacher is both the DPO reference and the SFT target
+                eps_ref, eps_teacher_w = models.predict_noise(family, teacher_unet, x_t, t, emb2), None
+            else:  # DPO against the initial student; SFT on the teacher, which it needs on the winners only
+                eps_ref = models.predict_noise(family, reference, x_t, t, emb2)
+                eps_teacher_w = models.predict_noise(family, teacher_unet, x_t[:B], t[:B], emb)  # (B, C, F, h, w)
         eps_theta = models.predict_noise(family, student, x_t, t, emb2)
     beta = args.beta or family.beta  # 0 = the family default
     return loss_fn(eps_theta, eps_ref, eps, beta, args.w_sft, args.loss, args.sft_target, eps_teacher_w)
@@ -246,12 +269,69 @@ def split_heldout(n_pairs, requested, seed):
     return perm[k:].sort().values, perm[:k].sort().values
 
 
+def draw_batch(g, order, cursor, global_batch, T, latent_shape, uncond_prob):
+    """The next global micro-batch from the seeded stream `g`, drawn alike by every rank: pair indices,
+    prompt-dropout flags, timesteps t (each (G,)) and noise eps (G, C, F, h, w); a new epoch's order when
+    the current one has fewer than G pairs left. Returns (idx, drop, t, eps, order, cursor)."""
+    if cursor + global_batch > len(order):
+        order, cursor = torch.randperm(len(order), generator=g), 0
+    idx = order[cursor:cursor + global_batch]
+    drop = torch.rand(len(idx), generator=g) < uncond_prob  # prompt dropout, one draw per pair
+    t = torch.randint(0, T, (len(idx),), generator=g)        # (G,) one t per pair
+    eps = torch.randn(len(idx), *latent_shape, generator=g)  # (G, C, F, h, w) one noise per pair
+    return idx, drop, t, eps, order, cursor + global_batch
+
+
+# Flags a rerun may change and still resume a training state; the ranks' --batch-size may change too
+# as long as the global batch (--batch-size x processes) does not.
+RESUME_FREE = ("out", "save_every", "max_steps", "log_every", "device", "batch_size")
+
+
+def run_config(args, world):
+    """What a training state must share with the run that resumes it (paths made absolute)."""
+    cfg = {k: v for k, v in vars(args).items() if k not in RESUME_FREE}
+    cfg.update({k: os.path.abspath(cfg[k]) for k in ("pairs", "student", "teacher", "motion_adapter") if cfg[k]})
+    return {**cfg, "global_batch": args.batch_size * world}
+
+
+def load_state(path, config, max_steps):
+    """A training state written by --save-every; one line if unreadable or made with other arguments."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        made = state["config"]
+    except Exception as e:
+        raise models.UserError(f"{path}: not a readable training state ({type(e).__name__}); delete it to start over")
+    diff = [k for k in config if made.get(k) != config[k]]
+    if diff:
+        k = diff[0]
+        flag = "--batch-size x processes" if k == "global_batch" else "--" + k.replace("_", "-")
+        raise models.UserError(f"{path}: a training state made with {flag}={made.get(k)!r}, not "
+                               f"{config[k]!r}; rerun with that, or delete it to start over")
+    if state["step"] > max_steps:
+        raise models.UserError(f"{path}: a training state at step {state['step']}, past --max-steps {max_steps}")
+    return state
+
+
+def stop_if_non_finite(step, values, state_path, before):
+    """One line and exit 2 on a non-finite (name, value), before it reaches the weights or a file."""
+    for what, v in values:
+        if not math.isfinite(v):
+            kept = (f"the last good training state is {state_path}" if os.path.exists(state_path)
+                    else "no training state was saved (--save-every)")
+            raise models.UserError(f"step {step}: non-finite {what} ({v}) before {before}; {kept}")
+
+
+def largest_weight(params):
+    return torch.stack([p.detach().float().abs().amax() for p in params]).amax().item()  # NaN if any is
+
+
 def main(args):
     rank, world, device = models.dist_setup(args.device)
     family = models.get_family(args.model)
     lr = args.lr or family.lr
     beta = args.beta or family.beta
-    use_bf16 = args.precision == "bf16" or (args.precision == "auto" and device.startswith("cuda"))
+    frozen = models.frozen_dtype(device, args.precision)  # bf16 on CUDA: the teacher and the reference
+    use_bf16 = frozen == torch.bfloat16
     if not 0 <= args.uncond_prob <= 1:
         raise models.UserError(f"--uncond-prob must be in [0, 1] (got {args.uncond_prob})")
 
@@ -259,28 +339,51 @@ def main(args):
     train_idx, held_idx = split_heldout(x0_w_all.shape[0], args.heldout_pairs, args.seed)
     heldout = (x0_w_all[held_idx], emb_all[held_idx]) if len(held_idx) else (x0_w_all[:4], emb_all[:4])
     x0_w_all, x0_l_all, emb_all = x0_w_all[train_idx], x0_l_all[train_idx], emb_all[train_idx]
-    torch.manual_seed(args.seed + rank)
-    teacher = models.load_teacher(family, args.teacher, args.motion_adapter, device)
+    state_path, config = os.path.splitext(args.out)[0] + ".state.pt", run_config(args, world)
+    state = load_state(state_path, config, args.max_steps) if os.path.exists(state_path) else None
+    torch.manual_seed(args.seed)  # the same on every rank; the batches come from the stream `g` below
+    teacher = models.load_teacher(family, args.teacher, args.motion_adapter, device, frozen)
     uncond = models.encode_prompts(teacher, [""]).to(device)  # (1, L, D): the empty prompt
-    student, meta = models.load_model(teacher, args.student)
+    student, meta = models.load_model(teacher, args.student, torch.float32)  # float32 master weights
     params = trainable_parameters(family, student)
     student.eval()  # dropout off (diffusers' temporal convs have 0.1): the student is compared with a
     #                 dropout-free reference, and L_DPO = log 2 must hold while they are equal
     reference = None
     if args.reference == "student0":
-        reference = copy.deepcopy(student).requires_grad_(False).eval()
+        reference = copy.deepcopy(student).to(frozen).requires_grad_(False).eval()
     if args.grad_checkpointing:
         checkpoint_blocks(student)
     model = student
     if world > 1:
         model = torch.nn.parallel.DistributedDataParallel(student, device_ids=[device] if device.startswith("cuda") else None)
+    teacher_unet = teacher.unet
+    if args.compile:  # the UNets' forwards compiled (off by default: benchmarks/RESULTS.md)
+        model, teacher_unet = torch.compile(model), torch.compile(teacher.unet)
+        reference = torch.compile(reference) if reference is not None else None
     loss_fn = torch.compile(redpo_loss) if device.startswith("cuda") else redpo_loss
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=args.weight_decay)
+    on_cuda = device.startswith("cuda")  # fused AdamW: one kernel for all parameters
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=args.weight_decay, fused=True if on_cuda else None)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, args.warmup)))
     scheduler = teacher.scheduler
-    n_pairs = x0_w_all.shape[0]
-    order, cursor = torch.randperm(n_pairs), 0
-    log, t0, last = [], time.time(), time.time()
+    n_pairs, G = x0_w_all.shape[0], args.batch_size * world  # G: the global micro-batch, all ranks together
+    if world > 1 and G > n_pairs:
+        raise models.UserError(f"{args.pairs}: {n_pairs} training pairs, fewer than --batch-size x processes = {G}")
+    g = torch.Generator().manual_seed(args.seed)  # data order, prompt dropout, t, eps: one stream for all ranks
+    order, cursor, start, log, seconds0 = torch.randperm(n_pairs, generator=g), 0, 1, [], 0.0
+    if state is not None:  # a stopped run's training state: continue it as if never stopped
+        student.load_state_dict(state["student"], strict=False)  # the trainable tensors only
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng"]["torch"])
+        g.set_state(state["rng"]["data"])
+        if on_cuda:
+            torch.cuda.set_rng_state(state["rng"]["cuda"], device)
+        order, cursor, log, seconds0 = state["order"], state["cursor"], state["log"], state["seconds"]
+        start = state["step"] + 1
+        if rank == 0:
+            print(f"redpo: resuming from step {state['step']} of {args.max_steps} ({state_path})")
+        del state  # its copies of the weights and optimizer are in place now
+    t0, last = time.time(), time.time()
     if rank == 0:
         print(f"redpo: {n_pairs} pairs to train on ({len(held_idx)} held out), "
               f"{sum(p.numel() for p in params):,} trainable parameters, loss={args.loss} beta={beta:g} "
@@ -289,20 +392,20 @@ def main(args):
               f"epochs) world={world} device={device}")
     from tqdm import tqdm
 
-    for step in tqdm(range(1, args.max_steps + 1), desc="redpo", disable=rank != 0):
+    T = scheduler.config.num_train_timesteps
+    mine = slice(rank * args.batch_size, (rank + 1) * args.batch_size)  # this rank's pairs of a global batch
+    for step in tqdm(range(start, args.max_steps + 1), desc="redpo", disable=rank != 0, initial=start - 1,
+                     total=args.max_steps):
         logging = step % args.log_every == 0 or step == args.max_steps or step == 1
         totals = {"loss": 0.0, "dpo": 0.0, "sft": 0.0, "implicit_acc": 0.0, "margin": 0.0}
         row = {"step": step}
         for micro in range(args.grad_accum):
-            if cursor + args.batch_size > n_pairs:
-                order, cursor = torch.randperm(n_pairs), 0
-            idx = order[cursor:cursor + args.batch_size]
-            cursor += args.batch_size
+            idx, drop, t, eps, order, cursor = draw_batch(g, order, cursor, G, T, x0_w_all.shape[1:], args.uncond_prob)
+            idx, drop, t, eps = idx[mine], drop[mine], t[mine], eps[mine]  # (B,), (B,), (B,), (B, C, F, h, w)
             emb = emb_all[idx].to(device)
-            drop = torch.rand(len(idx)) < args.uncond_prob  # prompt dropout, one draw per pair
-            emb = torch.where(drop.to(device).view(-1, 1, 1), uncond.expand_as(emb), emb)
-            batch = (x0_w_all[idx].to(device), x0_l_all[idx].to(device), emb)
-            loss, stats = train_step(family, scheduler, model, teacher.unet, reference, batch, args, use_bf16, device,
+            emb = torch.where(drop.to(device).view(-1, 1, 1), uncond.expand_as(emb), emb)  # dropped: empty prompt
+            batch = (x0_w_all[idx].to(device), x0_l_all[idx].to(device), emb, t.to(device), eps.to(device))
+            loss, stats = train_step(family, scheduler, model, teacher_unet, reference, batch, args, use_bf16, device,
                                      loss_fn)
             if logging and micro == 0 and world == 1:  # the two terms' gradients taken apart
                 row["grad_norm_dpo"] = round(grad_norm_of(stats["dpo_term"], params), 6)
@@ -312,6 +415,12 @@ def main(args):
             for k in ("dpo", "sft", "implicit_acc", "margin"):
                 totals[k] += stats[k].item() / args.grad_accum
         grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm if args.max_grad_norm > 0 else math.inf)
+        if world > 1:  # log the global batch's means, as one process would
+            means = torch.tensor(list(totals.values()), dtype=torch.float64, device=device)
+            torch.distributed.all_reduce(means)
+            totals = dict(zip(totals, (means / world).tolist()))
+        stop_if_non_finite(step, [("loss", totals["loss"]), ("gradient norm", grad_norm.item())], state_path,
+                           "the optimizer step")
         lr_now = opt.param_groups[0]["lr"]
         opt.step()
         sched.step()
@@ -322,8 +431,20 @@ def main(args):
             dist = teacher_distance(family, scheduler, student, teacher.unet, heldout, uncond, args, use_bf16, device)
             row.update({f"dist_teacher_{k}": round(v, 6) for k, v in dist.items()})
         log.append(row)
+        if args.save_every and step % args.save_every == 0 and step < args.max_steps:
+            stop_if_non_finite(step, [("weight", largest_weight(params))], state_path, "saving the training state")
+            if rank == 0:  # every rank holds the same weights, optimizer and streams
+                with models.atomic_path(state_path) as tmp:
+                    torch.save({"step": step, "config": config, "seconds": seconds0 + time.time() - t0, "log": log,
+                                "student": {n: p.detach().cpu() for n, p in student.named_parameters()
+                                            if p.requires_grad},  # the trainable tensors
+                                "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                                "order": order, "cursor": cursor,
+                                "rng": {"torch": torch.get_rng_state(), "data": g.get_state(),
+                                        "cuda": torch.cuda.get_rng_state(device) if on_cuda else None}}, tmp)
         if rank == 0 and logging:
-            rate = args.log_every / (time.time() - last) if step % args.log_every == 0 else step / (time.time() - t0)
+            rate = (args.log_every / (time.time() - last) if step % args.log_every == 0
+                    else (step - start + 1) / (time.time() - t0))
             last = time.time()
             norms = (f" | grad dpo {row['grad_norm_dpo']:.3g} sft {row['grad_norm_sft']:.3g}"
                      if "grad_norm_dpo" in row else "")
@@ -331,12 +452,15 @@ def main(args):
                        f" | implicit_acc {totals['implicit_acc']:.3f} | margin {totals['margin']:.3g}{norms}"
                        f" | dist_teacher {row['dist_teacher_cond']:.5f}/{row['dist_teacher_uncond']:.5f}"
                        f" | lr {row['lr']:.2e} | {rate:.2f} steps/s")
+    stop_if_non_finite(args.max_steps, [("weight", largest_weight(params))], state_path, f"writing {args.out}")
     if rank == 0:
-        seconds = time.time() - t0
+        seconds = seconds0 + time.time() - t0
         models.save_student(args.out, family, student, teacher, meta.get("round", "0"), args, stage="redpo",
                             pairs=os.path.abspath(args.pairs), steps=args.max_steps, train_seconds=round(seconds, 1),
                             heldout_ids=[int(i) for i in held_idx])
         models.write_jsonl(os.path.splitext(args.out)[0] + ".log.jsonl", log)
+        if os.path.exists(state_path):  # the checkpoint is complete: nothing left to resume
+            os.remove(state_path)
         print(f"redpo: wrote {args.out} ({models.count_params(family, student):,} prunable parameters, "
               f"{args.max_steps} steps in {seconds:.1f}s)")
     models.dist_cleanup()

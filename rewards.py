@@ -286,7 +286,7 @@ class VideoScoreScorer(Scorer):
 
     def __init__(self, path, device="cpu", max_frames=0, batch_size=4):
         import accelerate
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
         from transformers import Idefics2Config, Idefics2Model, Idefics2Processor, PreTrainedTokenizerFast
 
         try:  # transformers 5: the PIL backend resizes like the 4.x processor VideoScore was trained with
@@ -316,8 +316,11 @@ class VideoScoreScorer(Scorer):
 
         state = {}
         for file in shards:
-            with safe_open(file, framework="pt", device=str(device)) as f:
-                state.update({k: f.get_tensor(k).to(self.dtype) for k in f.keys()})
+            try:
+                with safe_open(file, framework="pt", device=str(device)) as f:
+                    state.update({k: f.get_tensor(k).to(self.dtype) for k in f.keys()})
+            except SafetensorError as e:  # a cut download
+                raise models.UserError(f"{file}: not a readable safetensors file ({e}); download it again") from None
         if "score.weight" not in state:
             raise models.UserError(f"{path}: no 'score.weight' tensor: not a VideoScore (regression) checkpoint")
         with accelerate.init_empty_weights(include_buffers=False):  # parameters come from the files below

@@ -1,6 +1,8 @@
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -32,6 +34,26 @@ def run(script, *args, check=True):
     if check and proc.returncode != 0:
         raise AssertionError(f"{script} exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return proc
+
+
+def run_and_kill(script, *args, when, timeout=600):
+    """Start a project script as a real process and SIGKILL it as soon as `when()` is true (polled every
+    10 ms); fails if the script exits before, so a test built on it cannot pass without a kill."""
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, script), *map(str, args)], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    t0 = time.monotonic()
+    try:
+        while not when():
+            assert proc.poll() is None, f"{script} exited {proc.returncode} before the kill point"
+            assert time.monotonic() - t0 < timeout, f"{script}: no kill point after {timeout} s"
+            time.sleep(0.01)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        code = proc.wait()
+    assert code == -signal.SIGKILL, f"{script} finished (exit {code}) before it could be killed"
 
 
 @pytest.fixture(scope="session")

@@ -10,7 +10,7 @@ import pytest
 import evaluate
 import models
 import tiny
-from conftest import ROOT, TINY_SAMPLING, run
+from conftest import ROOT, TINY_SAMPLING, run, run_and_kill
 
 MODEL_FIELDS = {"label", "checkpoint", "removed", "round", "params", "flops", "latency", "memory", "scores", "videos"}
 ROW_FIELDS = {"prompt", "sample", "seed", "video", *models.DIMS}
@@ -47,7 +47,8 @@ def test_report_schema_scores_and_shared_seeds(evaluated, prompts_file):
     prompts = read_prompts(prompts_file, 2)
     assert report["prompts"] == prompts and report["samples"] == 2 and report["family"] == "vc2"
     assert report["settings"] == {"steps": 3, "cfg": 12.0, "eta": 1.0, "x0_rescale": True, "frames": 4,
-                                  "height": 16, "width": 16}
+                                  "height": 16, "width": 16, "precision": "fp32"}  # the CPU's default
+    assert {m["latency"]["precision"] for m in report["models"]} == {"fp32"}
     assert report["scorer"]["name"] == "clip" and report["args"]["seed"] == 7
     assert [m["label"] for m in report["models"]] == ["teacher", "pruned"]
     for m in report["models"]:
@@ -183,3 +184,35 @@ def test_torchrun_two_processes_match_one(evaluated, vc2_dir, pruned, clip_dir, 
     for a, b in zip(ddp, single):
         assert all(a[d] == pytest.approx(b[d], abs=1e-3) for d in models.DIMS)
     assert all((out / path).exists() for path in report["side_by_side"]["videos"])
+
+
+def test_killed_run_resumes_to_the_uninterrupted_report(evaluated, vc2_dir, pruned, clip_dir, prompts_file, tmp_path,
+                                                        capsys):
+    """SIGKILL once the first batch's rows are on disk, rerun (in this process: cheaper): the rerun skips
+    that batch, ignores a torn last line, and writes the report of an uninterrupted run of the same command
+    (the `evaluated` fixture) except the measured fields; the partial file is gone."""
+    ref, reference, _ = evaluated
+    out = tmp_path / "eval"
+    partial = out / "report.partial.0-of-1.jsonl"
+    argv = ["--model", "vc2", "--teacher", vc2_dir, "--students", pruned, "--labels", "pruned", "--prompts",
+            prompts_file, "--num-prompts", 2, "--samples", 2, "--out-dir", out, "--scorer", "clip", "--scorer-path",
+            clip_dir, "--batch-size", 3, "--latency-repeats", 1, "--seed", 7, *TINY_SAMPLING]  # the fixture's
+    run_and_kill("evaluate.py", *argv, when=lambda: partial.exists() and "\n" in partial.read_text())
+    assert not (out / "report.json").exists()
+    with open(partial, "a") as f:
+        f.write('{"key": "torn by a ki')  # what a kill in the middle of an append leaves
+    evaluate_in_process(*argv)
+    assert "resuming: 3 of 8 videos already done" in capsys.readouterr().out
+    assert not partial.exists()
+
+    def results(report):  # what must not depend on the run: all but the measurements and the out dir
+        report = copy.deepcopy(report)
+        report["args"].pop("out_dir")
+        for m in report["models"]:
+            for field in evaluate.MEASURED:
+                group, key = field.split(".")
+                assert m[group][key] > 0
+                del m[group][key]
+        return report
+
+    assert results(json.loads((out / "report.json").read_text())) == results(reference)

@@ -6,7 +6,7 @@ import torch
 from safetensors.torch import load_file
 
 import models
-from conftest import PROMPTS, TINY_SAMPLING, run
+from conftest import PROMPTS, TINY_SAMPLING, run, run_and_kill
 
 
 def test_pairs_schema_videos_and_latents(pairs):
@@ -87,3 +87,32 @@ def test_samples_per_prompt_and_rounds_get_fresh_seeds(vc2_dir, pruned, prompts_
     assert len(os.listdir(tmp_path / "cache")) == 2 * len(seeds)  # a teacher video (mp4 + latents) each
     w = [load_file(str(tmp_path / "r1" / x["winner"]["latents"]))["latents"] for x in rows[1][:2]]
     assert not torch.allclose(w[0], w[1])  # the same prompt's two samples differ
+
+
+def test_killed_run_resumes_to_the_uninterrupted_pairs(pairs, vc2_dir, pruned, prompts_file, tmp_path, capsys):
+    """SIGKILL after the first batch, rerun (in this process: cheaper): the rerun skips the finished batch and
+    ends with the pairs of an uninterrupted run of the same command (the `pairs` fixture): a byte-identical
+    JSONL, equal tensors, byte-identical videos."""
+    import make_pairs
+
+    ref, _ = pairs
+    out = tmp_path / "pairs"
+    argv = ["--model", "vc2", "--teacher", vc2_dir, "--student", pruned, "--prompts", prompts_file, "--out-dir", out,
+            "--batch-size", "3", *TINY_SAMPLING]  # the fixture's command: batches [0, 1, 2] and [3]
+    run_and_kill("make_pairs.py", *argv, when=(out / "latents" / "000002_student.safetensors").exists)
+    assert not (out / "pairs.jsonl").exists()
+    models.quiet_libraries()
+    make_pairs.main(make_pairs.get_parser().parse_args(list(map(str, argv))))
+    stdout = capsys.readouterr().out
+    assert "resuming: 3 of 4 pairs already done" in stdout and "1 made, 3 reused" in stdout
+    assert (out / "pairs.jsonl").read_bytes() == open(os.path.join(ref, "pairs.jsonl"), "rb").read()
+    for r in models.read_jsonl(str(out / "pairs.jsonl")):
+        for path in (r["winner"]["latents"], r["loser"]["latents"], r["text_emb"]):
+            a, b = load_file(os.path.join(ref, path)), load_file(str(out / path))
+            assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+        for path in (r["winner"]["video"], r["loser"]["video"]):
+            assert (out / path).read_bytes() == open(os.path.join(ref, path), "rb").read()
+    a, b = (json.load(open(os.path.join(d, "pairs.args.json"))) for d in (ref, out))
+    for info in (a, b):  # the run's own: where it wrote, and which teacher videos it sampled itself
+        info["args"].pop("out_dir"), info.pop("teacher_videos_made"), info.pop("teacher_videos_reused")
+    assert a == b

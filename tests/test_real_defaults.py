@@ -67,7 +67,9 @@ def test_vc2_runs_from_the_documented_command(tmp_path):
         assert report["scorer"]["name"] == "videoscore"
         assert report["scorer"]["path"] == str(tmp_path / "ckpt" / "VideoScore")
         assert models.read_json(str(rd / "pairs" / "filtered.json"))["args"]["scorer"] == "videoscore"
-        assert models.read_student_meta(str(rd / "student.safetensors"))["teacher"] == str(tmp_path / "ckpt" / "vc2")
+        meta = models.read_student_meta(str(rd / "student.safetensors"))
+        assert meta["teacher"] == str(tmp_path / "ckpt" / "vc2")
+        assert '"save_every": 100' in meta["args"]  # real runs keep a ReDPO training state to resume from
         assert all(p in models.read_prompts(os.path.join(ROOT, "prompts", "pool.txt"))
                    for p in models.read_prompts(str(rd / "prompts.txt")))  # curated from the shipped pool
 

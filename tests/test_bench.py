@@ -1,0 +1,88 @@
+"""benchmarks/bench_redpo.py: a tiny run as a real process has every row, the log 2 step-1 losses, the sampler
+agreement and FLOP counts that add up; --remove makes the counted student cheaper."""
+import json
+import math
+import os
+import sys
+
+import pytest
+
+from conftest import ROOT, run
+
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+import bench_redpo  # noqa: E402
+
+ROWS = [("train", "ours"), ("train", "baseline"), ("train+gc", "ours"), ("train+gc", "baseline"),
+        ("sample", "ours (models.sample)"), ("sample", "diffusers TextToVideoSDPipeline"),
+        ("decode", "VAE decode (models.decode)")]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "tiny.json"
+    proc = run("benchmarks/bench_redpo.py", "--tiny", "--warmup", "1", "--repeats", "2", "--steps", "2",
+               "--peak-tflops", "0.5", "--out", out, "--device", "cpu")
+    return proc.stdout, json.loads(out.read_text())
+
+
+def test_tiny_run_has_every_row_timed(tiny):
+    stdout, report = tiny
+    rows = {(r["group"], r["row"]): r for r in report["rows"]}
+    assert list(rows) == ROWS
+    for r in rows.values():
+        assert len(r["times"]) == 2 and 0 < r["p10_s"] <= r["median_s"] <= r["p90_s"]
+        assert r["rate"] == pytest.approx(1 / r["median_s"]) and r["tflop"] > 0
+        assert r["tflops"] == pytest.approx(r["tflop"] / r["median_s"]) and r["mfu"] == pytest.approx(r["tflops"] / 0.5)
+        assert r["peak_gib"] is None  # not measured on the CPU
+    for group in ("train", "train+gc", "sample"):
+        assert next(r for r in rows.values() if r["group"] == group and r["baseline"])["speedup"] == 1.0
+    # the printed markdown table: header, separator, one line per row
+    table = [ln for ln in stdout.splitlines() if ln.startswith("|")]
+    assert table[0].startswith("| group | row |") and len(table) == 2 + len(ROWS)
+    assert "device: CPU" in stdout and "attention (SDPA)" in stdout and report["header"]["matmul_tflops"] > 0
+
+
+def test_tiny_run_step1_losses_are_log2_and_the_samplers_agree(tiny):
+    _, report = tiny
+    for r in report["rows"][:4]:  # student == teacher == reference: L_DPO = log 2, L_SFT = 0
+        assert r["step1_loss"] == pytest.approx(math.log(2), abs=1e-4), r["row"]
+    for group in ("train", "train+gc"):
+        assert report["checks"][group]["abs_diff"] < 1e-6
+    assert report["checks"]["agreement_max_abs_diff"] < 1e-4
+    assert report["checks"]["agreement_max_abs_latent"] > 1  # a real video's latents, not zeros
+
+
+def test_tiny_run_flop_counts_add_up(tiny):
+    _, report = tiny
+    rows = {(r["group"], r["row"]): r for r in report["rows"]}
+    ours, base = rows["train", "ours"]["flops_by_role"], rows["train", "baseline"]["flops_by_role"]
+    assert ours["student"] == base["student"] > 0          # forward + backward on [w; l], both ways
+    assert ours["reference"] == base["reference"] > 0      # one forward on [w; l] (--reference student0)
+    assert ours["teacher"] == 2 * base["teacher"] > 0      # ours: on [w; l]; the baseline: on the winners only
+    assert ours["student"] > 2.5 * ours["reference"]       # a backward costs about two forwards
+    for flops in (ours, base):  # every counted FLOP is in a UNet
+        assert flops["total"] == flops["student"] + flops["teacher"] + flops["reference"]
+    for kind in ("ours", "baseline"):  # model FLOPs: checkpointing's recompute is not counted
+        assert rows["train+gc", kind]["tflop"] == rows["train", kind]["tflop"]
+    sample = [r for (group, _), r in rows.items() if group == "sample"]
+    assert sample[0]["tflop"] == sample[1]["tflop"] == pytest.approx(
+        2 * 2 * report["header"]["forward_one_video_tflop"])  # --steps 2 of the [uncond; cond] forward
+    assert sample[0]["tflop"] == pytest.approx(2 * ours["reference"] / 1e12)  # the reference's: 2 videos too
+
+
+def test_flops_only_counts_a_pruned_student(tmp_path, capsys):
+    """--flops-only --remove --reference teacher: nothing timed; the DPO reference is the teacher (no reference
+    model: the baseline's teacher runs on [w; l] and on the winners); a sampled pruned video costs less than
+    the teacher's forwards on as many videos."""
+    out = tmp_path / "flops.json"
+    args = bench_redpo.get_parser().parse_args(["--tiny", "--flops-only", "--remove", "down_blocks.0.temp_attentions.0",
+                                                "--reference", "teacher", "--out", str(out), "--device", "cpu"])
+    bench_redpo.main(args)
+    report = json.loads(out.read_text())
+    assert "| train | ours |" in capsys.readouterr().out
+    assert all("median_s" not in r and r["tflop"] > 0 for r in report["rows"])
+    ours, base = report["rows"][0]["flops_by_role"], report["rows"][1]["flops_by_role"]
+    assert "reference" not in ours and ours["total"] == ours["student"] + ours["teacher"]
+    assert base["teacher"] == pytest.approx(1.5 * ours["teacher"])  # 2 videos (reference) + 1 (SFT target)
+    sample = next(r for r in report["rows"] if r["group"] == "sample")  # 3 steps, 2 videos a forward
+    assert 0 < sample["tflop"] < 3 * ours["teacher"] / 1e12
