@@ -585,7 +585,7 @@ def x0_scale(family, t, enabled=True):
 def add_noise(family, scheduler, x0, eps, t, x0_rescale=True):
     """x_t = sqrt(abar_t) * scale_t * x0 + sqrt(1 - abar_t) * eps  (scale_t = 1 unless vc2 rescaling)."""
     abar = scheduler.alphas_cumprod.to(x0.device)[t].float().view(-1, *[1] * (x0.ndim - 1))
-    s = x0_scale(family, t.cpu(), x0_rescale).to(x0.device).view_as(abar)
+    s = x0_scale(family, t, x0_rescale).to(x0.device).view_as(abar)  # on t's device: no sync
     return abar.sqrt() * s * x0 + (1 - abar).sqrt() * eps
 
 

@@ -58,7 +58,7 @@ def test_tiny_run_flop_counts_add_up(tiny):
     ours, base = rows["train", "ours"]["flops_by_role"], rows["train", "baseline"]["flops_by_role"]
     assert ours["student"] == base["student"] > 0          # forward + backward on [w; l], both ways
     assert ours["reference"] == base["reference"] > 0      # one forward on [w; l] (--reference student0)
-    assert ours["teacher"] == 2 * base["teacher"] > 0      # ours: on [w; l]; the baseline: on the winners only
+    assert ours["teacher"] == base["teacher"] == ours["reference"] / 2  # the SFT target: the winners only
     assert ours["student"] > 2.5 * ours["reference"]       # a backward costs about two forwards
     for flops in (ours, base):  # every counted FLOP is in a UNet
         assert flops["total"] == flops["student"] + flops["teacher"] + flops["reference"]
