@@ -78,9 +78,9 @@ def test_one_shot_and_animatediff(animatediff_dirs, toy_prompts, tmp_path):
     work = str(tmp_path / "work")
     sd, adapter = animatediff_dirs
     out = run("online_loop.py", *loop_args("animatediff", ["--teacher", sd, "--motion-adapter", adapter], work,
-                                           toy_prompts), "--no-online", "--loss", "sft", "--isolate").stdout
+                                           toy_prompts), "--no-online", "--loss", "sft").stdout
     assert "| oneshot | student |" in out and "round-1" not in out
-    assert "redpo: wrote" in open(os.path.join(work, "oneshot", "logs", "redpo.log")).read()  # a process's output
+    assert "redpo: wrote" in open(os.path.join(work, "oneshot", "logs", "redpo.log")).read()  # the stage's output
     rows = models.read_json(os.path.join(work, "results.json"))["rows"]
     assert rows[-1]["params"] <= 0.6 * rows[0]["params"]
     log = [json.loads(ln) for ln in open(os.path.join(work, "oneshot", "student.log.jsonl"))]
@@ -106,6 +106,18 @@ def test_masks_from_another_run_give_the_same_architecture(vc2_dir, toy_prompts,
     proc = run("online_loop.py", *loop_args("vc2", ["--teacher", vc2_dir], str(tmp_path / "c"), toy_prompts),
                "--masks-from", str(tmp_path / "nowhere"), check=False)
     assert proc.returncode == 2 and "nowhere" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_isolate_runs_a_step_as_its_own_process_and_logs_it(tmp_path, capsys):
+    marker, log = str(tmp_path / "arch.txt"), str(tmp_path / "logs" / "prune.log")
+    argv = ["prune.py", "--model", "toy", "--architecture-only"]
+    assert online_loop.run_step("count", marker, argv, log, isolate=True)
+    lines, out = open(log).read().splitlines(), capsys.readouterr().out
+    assert any("candidate" in ln for ln in lines) and all("       " + ln in out for ln in lines)  # echoed, indented
+    open(marker, "w").close()
+    assert not online_loop.run_step("count", marker, argv, log, isolate=True)  # its file exists: skipped
+    with pytest.raises(models.UserError, match="exit code 2; its log is"):
+        online_loop.run_step("bad", str(tmp_path / "none"), ["prune.py", "--model", "toy"], log, isolate=True)
 
 
 def test_budgets_reach_the_final_ratio():
