@@ -667,7 +667,8 @@ def sample(family, unet, scheduler, cond, uncond, seeds, shape, steps, cfg, eta=
     cond (N, L, D) text embeddings, uncond (1, L, D) the embedding of "", one seed per sample fixes
     the initial noise and the eta noise, so the teacher and a student given the same seeds start from
     the same x_T. The UNet runs in its weights' dtype, under bf16 autocast when `bf16` (a float32 student
-    sampled on CUDA); the DDIM update is float32. Returns the final latents (N, C, F, h, w) in float32.
+    sampled on CUDA); the DDIM update is float32. On a CPU the videos are split over threads (in_threads).
+    Returns the final latents (N, C, F, h, w) in float32.
     """
     from tqdm import tqdm
 

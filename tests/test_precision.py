@@ -72,3 +72,30 @@ def test_redpo_bf16_trains_float32_master_weights(vc2_dir, pruned, pairs, tmp_pa
     assert not torch.equal(tensors[k].bfloat16().float(), tensors[k])
     log = [json.loads(ln) for ln in open(str(tmp_path / "s.log.jsonl"))]
     assert log[0]["dpo"] == pytest.approx(math.log(2), abs=0.02) and all(math.isfinite(r["loss"]) for r in log)
+
+
+def test_train_step_loss_is_the_reference_math_on_the_models_predictions(vc2_dir, pruned):
+    """The CPU path is unchanged: train_step's loss (the teacher on the winners only when the reference is
+    the initial student) equals METHOD.md's loss on predictions made the plain way, to float rounding."""
+    fam = models.get_family("vc2")
+    teacher = models.load_teacher(fam, vc2_dir)
+    student, _ = models.load_model(teacher, pruned, torch.float32)
+    with torch.no_grad():  # a student that differs from its reference
+        for p in student.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    reference, _ = models.load_model(teacher, pruned)
+    g = torch.Generator().manual_seed(0)
+    x0_w, x0_l, eps = (torch.randn(2, 4, 4, 4, 4, generator=g) for _ in range(3))
+    emb, t = models.encode_prompts(teacher, ["a", "b"]), torch.tensor([100, 700])
+    args = redpo.get_parser().parse_args(["--pairs", "x", "--out", "y", "--beta", "50"])
+    for ref in (reference, None):  # the initial student, or the teacher as the DPO reference
+        loss, stats = redpo.train_step(fam, teacher.scheduler, student, teacher.unet, ref,
+                                       (x0_w, x0_l, emb, t, eps), args, False, "cpu")
+        x_t = models.add_noise(fam, teacher.scheduler, torch.cat([x0_w, x0_l]), eps.repeat(2, 1, 1, 1, 1), t.repeat(2))
+        with torch.no_grad():
+            pred = lambda unet: models.predict_noise(fam, unet, x_t, t.repeat(2), torch.cat([emb, emb]))  # noqa: E731
+            eps_teacher = pred(teacher.unet)
+            eps_ref = eps_teacher if ref is None else pred(ref)
+            expected, _ = redpo.redpo_loss_reference(pred(student), eps_ref, eps.repeat(2, 1, 1, 1, 1), 50.0, 1.0,
+                                                     eps_teacher_w=None if ref is None else eps_teacher[:2])
+        assert loss.item() == pytest.approx(expected.item(), rel=1e-5) and stats["sft"] > 0
