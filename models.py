@@ -43,14 +43,22 @@ def cli(main, parser):
     a full disk), becomes a one-line error and exit 2. Any other exception is a bug: it keeps its traceback."""
     args = parser.parse_args()
     quiet_libraries()
+    if run_main(main, args):
+        sys.exit(2)
+
+
+def run_main(main, args):
+    """main(args), with a UserError or an OSError naming a file printed as one `error:` line: returns 2
+    then, else 0. Any other exception propagates (a bug keeps its traceback)."""
     try:
-        return main(args)
+        main(args)
+        return 0
     except (UserError, OSError) as e:
         err = e if isinstance(e, UserError) else file_error(e)
         if err is None:
             raise
         print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+        return 2
 
 
 def file_error(e, path=None):

@@ -15,6 +15,7 @@ import argparse
 import datetime
 import os
 import platform
+import shlex
 import sys
 import time
 
@@ -38,6 +39,11 @@ CONFIGS = {  # name: redpo.py flags (on top of --max-steps/--batch-size/--lr giv
     "redpo ref=student0 beta=50": ["--loss", "redpo", "--reference", "student0", "--beta", "50"],
     "redpo ref=student0 beta=5": ["--loss", "redpo", "--reference", "student0", "--beta", "5"],
     "dpo ref=student0 beta=500": ["--loss", "dpo", "--reference", "student0", "--beta", "500"],
+    "sft 120 steps": ["--loss", "sft", "--max-steps", "120"],
+    "sft 240 steps": ["--loss", "sft", "--max-steps", "240"],
+    "sft lr=3e-4": ["--loss", "sft", "--lr", "3e-4"],
+    "redpo ref=student0 beta=500 240 steps": ["--loss", "redpo", "--reference", "student0", "--beta", "500",
+                                              "--max-steps", "240"],
 }
 
 
@@ -109,8 +115,8 @@ def gather(args):
                     f" | {last('dist_teacher_uncond'):.4f} |")
     head = ("| configuration | gain (avg) ± 95 % | " + " | ".join(f"seed {s}" for s in args.seeds)
             + " | VQ | TC | DD | TA | implicit acc (last) | margin (last) | dist. to teacher cond | uncond |\n"
-            + "|---" * (11 + len(args.seeds)) + "|")
-    text = (f"# The toy sweep (validation prompts)\n\nMade by `python toy/sweep.py {' '.join(sys.argv[1:])}` on "
+            + "|---" * (10 + len(args.seeds)) + "|")
+    text = (f"# The toy sweep (validation prompts)\n\nMade by `python toy/sweep.py {shlex.join(sys.argv[1:])}` on "
             f"{datetime.date.today()} ({platform.machine()}, {os.cpu_count()} CPU cores). Gain = student - untrained "
             f"pruned model on toy/prompts/val.txt ({args.samples} videos a prompt, the same noise for every model), "
             f"the average of the four dimensions; mean ± t-based 95 % interval over seeds {args.seeds}. "
