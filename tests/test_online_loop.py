@@ -146,4 +146,4 @@ def test_the_embedded_toy_loop_with_reduced_settings(tmp_path):
     assert [r["model"] for r in rows] == ["teacher", "pruned", "student", "pruned", "student"]
     assert rows[-1]["params"] <= models.get_family("toy").final_ratio * rows[0]["params"]
     assert all(0 <= r[d] <= 1 for r in rows for d in models.DIMS)
-    assert rows[2]["pairs_made"] == 4
+    assert rows[2]["pairs_made"] == 8  # the toy's default: 2 pairs a curated prompt, each from its own seed

@@ -32,3 +32,27 @@ def test_formatting_of_intervals():
     assert study.fmt(0.12345, 0.0456) == "0.123 ± 0.046"
     assert study.fmt(-0.01, 0.02, sign=True) == "-0.010 ± 0.020"
     assert study.fmt(0.5, None) == "0.500" and study.fmt(None, None) == "-"
+
+
+def test_judge_parts_reads_each_models_eval_videos(tmp_path):
+    """The judge's parts table from real mp4 files: true clips get the prompted color and speed, clips with
+    every color rotated get the speed but not the color."""
+    import argparse
+
+    import numpy as np
+
+    import models
+    from toy import world
+
+    prompts = [p for p in world.eval_prompts() if "slowly" in p][:4] + [p for p in world.eval_prompts() if "quickly" in p][:4]
+    clips = np.stack([world.render(world.parse_prompt(p), np.random.default_rng(i)) for i, p in enumerate(prompts)])
+    for label, videos in (("teacher", clips), ("sft-online", clips[..., [1, 2, 0]])):
+        for p, v in zip(prompts, videos):
+            models.write_video(str(tmp_path / "seed-0" / "eval" / "videos" / label / f"{p}-0.mp4"), v, 8)
+    table = study.judge_parts(argparse.Namespace(seeds=[0], work_dir=str(tmp_path))).splitlines()
+    rows = {line.split(" | ")[0].strip("| "): [float(x) for x in line.strip(" |").split(" | ")[1:]] for line in table[2:]}
+    assert list(rows) == ["teacher", "SFT online"]  # in the study's order, under the arms' names
+    color, shape, speed, slow, quick = rows["teacher"]
+    assert color == 1.0 and shape >= 0.75 and speed == 1.0
+    assert abs(slow - world.SPEEDS["slowly"]) < 0.3 and abs(quick - world.SPEEDS["quickly"]) < 0.5
+    assert rows["SFT online"][0] == 0.0 and rows["SFT online"][2] == 1.0  # recolored: color lost, speed kept

@@ -22,9 +22,12 @@ import datetime
 import os
 import platform
 import re
+import shlex
 import shutil
 import sys
 import time
+
+import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -221,6 +224,32 @@ def gather(args):
     return "\n".join(lines), "\n".join(diff_lines), summary
 
 
+def judge_parts(args):
+    """What the toy judge sees in each model's eval videos (the written mp4 files): the share of videos with
+    the prompted color, shape and speed, and the measured speed (px/frame) of "slowly" and "quickly"
+    prompts; per model the mean over seeds of each seed's mean."""
+    from toy import world
+
+    rows = {}
+    for seed in args.seeds:
+        folder = os.path.join(args.work_dir, f"seed-{seed}", "eval", "videos")
+        for label in sorted(os.listdir(folder)):
+            files = sorted(os.listdir(os.path.join(folder, label)))
+            prompts = [f.rsplit("-", 1)[0] for f in files]
+            videos = np.stack([models.read_video(os.path.join(folder, label, f)) for f in files])
+            details = world.judge_details(videos, prompts)
+            speeds = lambda word: [d["speed_px"] for d, p in zip(details, prompts) if p.endswith(word)]
+            part = [np.mean([d[k] for d in details]) for k in ("color", "shape", "speed")]
+            rows.setdefault(label, []).append(part + [np.mean(speeds("slowly")), np.mean(speeds("quickly"))])
+    order = ["teacher", "untrained-pruned", *[slug(n) for n in ARMS]]
+    names = {"teacher": "teacher", "untrained-pruned": "untrained pruned", **{slug(n): n for n in ARMS}}
+    lines = [f"| model | color correct | shape correct | speed correct | px/frame, \"slowly\" ({world.SPEEDS['slowly']:g}) "
+             f"| \"quickly\" ({world.SPEEDS['quickly']:g}) |", "|---|---|---|---|---|---|"]
+    for label in [l for l in order if l in rows]:
+        lines.append(f"| {names[label]} | " + " | ".join(f"{v:.2f}" for v in np.mean(rows[label], axis=0)) + " |")
+    return "\n".join(lines)
+
+
 def main(args):
     t0 = time.time()
     if args.masks_only:
@@ -233,11 +262,12 @@ def main(args):
         if not all(os.path.exists(os.path.join(args.work_dir, f"seed-{s}", "eval", "report.json")) for s in args.seeds):
             return
     table, diffs, summary = gather(args)
-    text = (f"# The toy study (paired over seeds)\n\nMade by `python toy/study.py {' '.join(sys.argv[1:])}` on "
+    text = (f"# The toy study (paired over seeds)\n\nMade by `python toy/study.py {shlex.join(sys.argv[1:])}` on "
             f"{datetime.date.today()} ({platform.machine()}, {os.cpu_count()} CPU cores, torch "
             f"{__import__('torch').__version__}); seeds {args.seeds}. Scores: the toy judge on the 24 held-out eval "
             f"prompts; every number is a mean over seeds ± the t-based 95 % interval (t with n-1 degrees of "
-            f"freedom).\n\n{table}\n\n{diffs}\n")
+            f"freedom).\n\n{table}\n\n{diffs}\n\nThe judge's parts, from the eval videos (mean over the seeds):\n\n"
+            f"{judge_parts(args)}\n")
     if args.gather:
         with models.atomic_path(args.out) as tmp, open(tmp, "w") as f:
             f.write(text)
