@@ -12,7 +12,9 @@ Arms (each one `online_loop.py` run with `--masks-from`, evaluated on the held-o
   SFT one-shot / ReDPO one-shot (`--no-online`)
   SFT online / ReDPO online (V.I.P.) / DPO online (no SFT term)
 Reported: means with t-based 95 % intervals over seeds, and paired per-seed differences (ReDPO - SFT,
-online - one-shot, each trained arm - the untrained pruned model), the average of the four scores.
+online - one-shot, each trained arm - the untrained pruned model), the average of the four scores, and
+what the judge sees in the eval videos (color, shape and speed correct; the measured speed). Every arm
+runs with the loop's defaults (pairs, steps, loss settings) unless --loop-args says otherwise.
 
     OMP_NUM_THREADS=1 python toy/study.py --seeds 0 2 4 &  OMP_NUM_THREADS=1 python toy/study.py --seeds 1 3 &
     python toy/study.py --seeds 0 1 2 3 4 --gather            # the tables, into toy/RESULTS.md's study section
