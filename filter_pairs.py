@@ -413,7 +413,7 @@ def score_videos(args, rows, rank, world, device):
     new = {}
     for i in tqdm(range(0, len(mine), args.batch_size), desc="score", disable=rank != 0 or not mine):
         batch = mine[i:i + args.batch_size]
-        videos = [models.read_video(where[k][1]) for k in batch]  # a broken file fails naming itself
+        videos = models.read_videos([where[k][1] for k in batch])  # a broken file fails naming itself
         try:
             scores = scorer.score(videos, [where[k][2] for k in batch])
         except ValueError as e:

@@ -210,6 +210,11 @@ def read_video(path):
         raise UserError(f"{path}: cannot read video ({type(e).__name__}: {e})".splitlines()[0])
 
 
+def read_videos(paths):
+    """read_video of each path, in order, side by side on threads (each read is an ffmpeg process)."""
+    return [v for part in in_threads(lambda sl: [read_video(p) for p in paths[sl]], len(paths), "cpu") for v in part]
+
+
 def lock_holder(path):
     """(pid, host) written in a lock file; None when there is no lock."""
     try:
@@ -340,6 +345,9 @@ class Family:
     fps_folded: bool = False  # vc2: the fps embedding was folded into the time embedding's bias
     pad_id: int = -1          # token id written after the end token (-1 = the tokenizer's; vc2: 0 like open_clip)
     latent_factor: int = 8    # pixels per latent pixel of the family's VAE
+    train_steps: int = 30     # the loop's ReDPO steps a round
+    pairs_per_prompt: int = 1  # the loop's pairs a curated prompt, each from its own seed
+    eval_samples: int = 1     # the loop's eval videos a prompt
     default_teacher: str = ""
     unet_config: dict = field(default_factory=dict)
 
@@ -353,7 +361,10 @@ FAMILIES = {
                   x0_scale_b=0.7, fps_folded=True, pad_id=0, unet_config=VC2_UNET_CONFIG),
     "animatediff": Family("animatediff", 512, 512, 16, 25, 7.5, 0.0, 8, 1e-5, 5000.0, 3, 0.147e9 / 453_209_280,
                           unet_config=SD15_UNET_CONFIG),
+    # toy: all 48 pool prompts x 2 seeds (~80 pairs kept) and 60 steps of 4 pairs, about 3 epochs: the budget
+    # chosen on the validation prompts (toy/RESULTS.md); 4 eval videos a prompt for stable means
     "toy": Family("toy", 32, 32, 8, 10, 6.0, 0.0, 8, 1e-4, 500.0, 2, 0.6, latent_factor=4,
+                  train_steps=60, pairs_per_prompt=2, eval_samples=4,
                   default_teacher=os.path.join(HERE, "toy", "teacher")),
 }
 

@@ -324,11 +324,11 @@ def loop(args, lock):
     if not 0 < final < 1:
         raise models.UserError(f"--final-ratio must be in (0, 1), got {final}")
     toy = args.model == "toy"
-    # toy: all 48 pool prompts x 2 seeds (~80 pairs kept) and 60 steps of 4 pairs, about 3 epochs: the budget
-    # chosen on the validation prompts (toy/RESULTS.md)
-    max_pairs = max(args.max_pair_prompts, 0)
-    per_prompt = args.samples_per_prompt or (2 if toy else 1)
-    eval_samples = args.eval_samples or (4 if toy else 1)
+    for flag in ("max_pair_prompts", "samples_per_prompt", "train_steps", "eval_samples"):
+        if getattr(args, flag) < 0:
+            raise models.UserError(f"--{flag.replace('_', '-')} must be >= 0 (0 = the default), got {getattr(args, flag)}")
+    per_prompt = args.samples_per_prompt or family.pairs_per_prompt
+    eval_samples = args.eval_samples or family.eval_samples
     # Defaults: the toy's shipped teacher, prompts and judge; for vc2 / animatediff the paper's reward
     # (VideoScore), tools/make_prompts.py's files and the conventional folders under ./ckpt.
     prompts = TOY_PROMPTS if toy else REAL_PROMPTS
@@ -415,7 +415,7 @@ def loop(args, lock):
     names, previous = [], ""
     ratios = [final] if args.no_online else budgets(rounds, final, args.schedule)
     # one-shot trains --train-steps at the final size: as many steps there as the online loop's last round
-    steps = args.train_steps or (60 if toy else 30)
+    steps = args.train_steps or family.train_steps
     for k, ratio in enumerate(ratios, 1):
         name = "oneshot" if args.no_online else f"round-{k}"
         names.append(name)
@@ -442,7 +442,7 @@ def loop(args, lock):
         curated = os.path.join(rd, "prompts.txt")
         run("curate prompts", curated,
             ["filter_pairs.py", "--job", "curate", "--prompts", pool, "--report", report, "--out", curated,
-             "--max-prompts", max_pairs, "--seed", args.seed * 1000 + k], log("curate"))
+             "--max-prompts", args.max_pair_prompts, "--seed", args.seed * 1000 + k], log("curate"))
         run("make pairs", pairs,
             ["make_pairs.py", *base, "--student", pruned, "--prompts", curated, "--out-dir",
              os.path.join(rd, "pairs"), "--teacher-cache", os.path.join(work, "teacher_cache"), *sampling,
@@ -452,9 +452,10 @@ def loop(args, lock):
              "--score-cache", os.path.join(work, "score_cache.jsonl"), *(["--keep-all"] if args.no_filter else []),
              "--tau", args.tau, "--device", args.device], log("filter"), nproc=args.nproc)
         if not os.path.exists(student):
-            if count_lines(kept) == 0 and args.node_rank:
+            nothing = count_lines(kept) == 0  # nothing to learn from: the round keeps the pruned student
+            if nothing and args.node_rank:
                 wait_for("keep the pruned student", student, work)
-            elif count_lines(kept) == 0:  # nothing to learn from: the round keeps the pruned student
+            elif nothing:
                 print(f"[warn] {name}: no pair passed the filter; the round's student is the pruned model")
                 shutil.copyfile(pruned, student + ".tmp")
                 os.replace(student + ".tmp", student)

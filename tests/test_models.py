@@ -119,6 +119,12 @@ def test_video_round_trip(tmp_path):
     models.write_video(str(tmp_path / "v.mp4"), frames, 8)
     back = models.read_video(str(tmp_path / "v.mp4"))
     assert back.shape == frames.shape and np.abs(back.astype(int) - frames).mean() < 12
+    # many at once, on threads: each file comes back in its own place
+    paths = [str(tmp_path / f"m{k}.mp4") for k in range(5)]
+    models.write_videos(paths, [np.roll(frames, 3 * k, axis=2) for k in range(5)], 8)
+    backs = models.read_videos(paths)
+    assert [np.abs(b.astype(int) - np.roll(frames, 3 * k, axis=2)).mean() < 12 for k, b in enumerate(backs)] == [True] * 5
+    assert np.abs(backs[0].astype(int) - backs[1]).mean() > 1  # the videos differ, so the order is tested
 
 
 def test_same_seed_same_initial_noise_and_cfg_batched(vc2_dir):

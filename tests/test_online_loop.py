@@ -132,6 +132,14 @@ def test_missing_prompt_file_is_a_one_line_error(tmp_path):  # real families' fo
     assert proc.returncode == 2 and "none.txt: no such file" in proc.stderr and not (tmp_path / "w").exists()
 
 
+def test_negative_budget_flags_are_refused(tmp_path):
+    for flag in ("--max-pair-prompts", "--samples-per-prompt", "--train-steps", "--eval-samples"):
+        args = online_loop.get_parser().parse_args([flag, "-1", "--work-dir", str(tmp_path / "w")])
+        with pytest.raises(models.UserError, match=f"{flag} must be >= 0"):
+            online_loop.main(args)
+    assert not (tmp_path / "w").exists()
+
+
 def test_the_embedded_toy_loop_with_reduced_settings(tmp_path):
     """`python online_loop.py` on the shipped toy teacher, with its own prompt files and the toy judge."""
     from toy import world

@@ -28,7 +28,6 @@ import shlex
 import shutil
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -239,8 +238,7 @@ def judge_parts(args):
         for label in sorted(os.listdir(folder)):
             files = sorted(os.listdir(os.path.join(folder, label)))
             prompts = [f.rsplit("-", 1)[0] for f in files]
-            with ThreadPoolExecutor(4) as pool:  # each read is an ffmpeg process: several at once
-                videos = np.stack(list(pool.map(models.read_video, [os.path.join(folder, label, f) for f in files])))
+            videos = np.stack(models.read_videos([os.path.join(folder, label, f) for f in files]))
             details = world.judge_details(videos, prompts)
             speeds = lambda word: [d["speed_px"] for d, p in zip(details, prompts) if p.endswith(word)]
             part = [np.mean([d[k] for d in details]) for k in ("color", "shape", "speed")]

@@ -25,7 +25,7 @@ sys.path.insert(0, ROOT)
 
 import models  # noqa: E402
 import online_loop  # noqa: E402
-from toy.study import t_interval  # noqa: E402
+from toy.study import slug, t_interval  # noqa: E402
 
 PROMPTS = {**online_loop.TOY_PROMPTS, "val": os.path.join(HERE, "prompts", "val.txt")}  # the loop's files + validation
 CONFIGS = {  # name: redpo.py flags (on top of --max-steps/--batch-size/--lr given below)
@@ -60,10 +60,6 @@ def get_parser():
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--samples", type=int, default=2, help="validation videos per prompt")
     return p
-
-
-def slug(name):
-    return "".join(c if c.isalnum() else "-" for c in name).strip("-")
 
 
 def run_seed(args, seed):
