@@ -56,3 +56,28 @@ def test_judge_parts_reads_each_models_eval_videos(tmp_path):
     assert color == 1.0 and shape >= 0.75 and speed == 1.0
     assert abs(slow - world.SPEEDS["slowly"]) < 0.3 and abs(quick - world.SPEEDS["quickly"]) < 0.5
     assert rows["SFT online"][0] == 0.0 and rows["SFT online"][2] == 1.0  # recolored: color lost, speed kept
+
+
+def test_loop_gains_pairs_each_round_student_with_its_own_pruned_start(tmp_path):
+    from models import UserError, write_json
+
+    starts = {0: (0.70, 0.60), 1: (0.66, 0.58), 2: (0.72, 0.61)}  # seed: (round-1 pruned, round-2 pruned)
+    gains = {0: (0.02, 0.05), 1: (-0.01, 0.03), 2: (0.03, 0.04)}
+    dirs = []
+    for seed in starts:
+        rows = [{"round": "round-0", "model": "teacher", "average": 0.75}]
+        for k in (0, 1):
+            rows += [{"round": f"round-{k + 1}", "model": "pruned", "average": starts[seed][k]},
+                     {"round": f"round-{k + 1}", "model": "student", "average": starts[seed][k] + gains[seed][k]}]
+        write_json(str(tmp_path / f"s{seed}" / "results.json"), {"args": {"seed": seed}, "rows": rows})
+        dirs.append(str(tmp_path / f"s{seed}"))
+    lines = study.loop_gains(dirs).splitlines()
+    assert lines[0].endswith("| seed 0 | seed 1 | seed 2 |") and len(lines) == 4  # header, rule, two rounds
+    for line, k in zip(lines[2:], (0, 1)):
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        mean, half = study.t_interval([gains[s][k] for s in starts])
+        assert cells[0] == f"round-{k + 1}" and cells[3] == study.fmt(mean, half, sign=True)
+        assert cells[4:] == [f"{gains[s][k]:+.3f}" for s in starts]
+    assert cells[3].startswith("+0.040")  # round 2: (0.05 + 0.03 + 0.04) / 3
+    with pytest.raises(UserError, match="results.json: no such file"):
+        study.loop_gains(dirs + [str(tmp_path / "unfinished")])

@@ -18,6 +18,9 @@ runs with the loop's defaults (pairs, steps, loss settings) unless --loop-args s
 
     OMP_NUM_THREADS=1 python toy/study.py --seeds 0 2 4 &  OMP_NUM_THREADS=1 python toy/study.py --seeds 1 3 &
     python toy/study.py --seeds 0 1 2 3 4 --gather            # the tables, into toy/RESULTS.md's study section
+
+--loops DIR... gathers finished `online_loop.py --seed S --work-dir DIR` runs instead (the loop as shipped, one
+seed a dir): per round, the trained student against its own pruned start, paired over the runs.
 """
 import argparse
 import datetime
@@ -76,6 +79,8 @@ def get_parser():
     p.add_argument("--eval-samples", type=int, default=4, help="videos per eval prompt")
     p.add_argument("--eval-starts", action="store_true",
                    help="also evaluate each online arm's round-2 start (its trained round-1 student, pruned further)")
+    p.add_argument("--loops", nargs="+", default=[], metavar="DIR",
+                   help="only gather these online_loop.py work dirs (one seed each): per round, student - pruned")
     p.add_argument("--eval-args", default="", help="extra evaluate.py flags (e.g. sampling flags matching --loop-args)")
     return p
 
@@ -252,8 +257,40 @@ def judge_parts(args):
     return "\n".join(lines)
 
 
+def loop_gains(dirs):
+    """Markdown table of finished online_loop.py runs (one seed a dir, their results.json): per round the
+    pruned start's and the trained student's average, and the paired gain student - pruned."""
+    runs = []
+    for d in dirs:
+        path = os.path.join(d, "results.json")
+        if not os.path.exists(path):
+            raise models.UserError(f"{path}: no such file (is the loop in {d} finished?)")
+        result = models.read_json(path)
+        runs.append((result["args"]["seed"], {(r["round"], r["model"]): r["average"] for r in result["rows"]}))
+    rounds = sorted({rnd for _, rows in runs for rnd, model in rows if model == "student"})
+    lines = ["| round | pruned start | trained student | gain (student - pruned) ± 95 % | " +
+             " | ".join(f"seed {seed}" for seed, _ in runs) + " |", "|---|---|---|---|" + "---|" * len(runs)]
+    for rnd in rounds:
+        pruned = {k: rows.get((rnd, "pruned")) for k, (_, rows) in enumerate(runs)}  # by run: seeds may repeat
+        student = {k: rows.get((rnd, "student")) for k, (_, rows) in enumerate(runs)}
+        diffs, (mean, half) = paired({s: v for s, v in student.items() if v is not None},
+                                     {s: v for s, v in pruned.items() if v is not None})
+        gains = {s: student[s] - pruned[s] if None not in (student[s], pruned[s]) else None for s in student}
+        lines.append(f"| {rnd} | {fmt(*t_interval(pruned.values()))} | {fmt(*t_interval(student.values()))} | "
+                     f"{fmt(mean, half, sign=True)} | " + " | ".join(fmt(gains[k], None, sign=True) for k in gains) + " |")
+    return "\n".join(lines)
+
+
 def main(args):
     t0 = time.time()
+    if args.loops:
+        text = (f"# The toy loop as shipped, over seeds\n\nMade by `python toy/study.py {shlex.join(sys.argv[1:])}` on "
+                f"{datetime.date.today()}: the toy judge's average on the 24 eval prompts, mean over the runs ± the "
+                f"t-based 95 % interval; the gain is paired per seed.\n\n{loop_gains(args.loops)}\n")
+        with models.atomic_path(args.out) as tmp, open(tmp, "w") as f:
+            f.write(text)
+        print(text)
+        return
     if args.masks_only:
         for seed in args.seeds:
             make_masks(os.path.join(os.path.abspath(args.work_dir), f"seed-{seed}"), seed, args.ratios)
