@@ -96,7 +96,8 @@ def get_parser():
                         "validation prompts) or the teacher M_0 (the paper's figure)")
     p.add_argument("--uncond-prob", type=float, default=0.1, help="prompt dropout in ReDPO (trains the CFG branch)")
     p.add_argument("--train-steps", type=int, default=0, help="ReDPO optimizer steps per round (0 = toy 60, others 30)")
-    p.add_argument("--train-batch-size", type=int, default=4, help="pairs per ReDPO step")
+    p.add_argument("--train-batch-size", type=int, default=4,
+                   help="pairs per ReDPO step and process (with --nproc N a step sees N times as many)")
     p.add_argument("--lr", type=float, default=0.0, help="ReDPO learning rate (0 = family default)")
     p.add_argument("--samples-per-prompt", type=int, default=0,
                    help="pairs per curated prompt, each from its own seed (0 = toy 2, others 1)")
