@@ -44,6 +44,14 @@ CONFIGS = {  # name: redpo.py flags (on top of --max-steps/--batch-size/--lr giv
     "sft lr=3e-4": ["--loss", "sft", "--lr", "3e-4"],
     "redpo ref=student0 beta=500 240 steps": ["--loss", "redpo", "--reference", "student0", "--beta", "500",
                                               "--max-steps", "240"],
+    # round 1's size (80 %), on the default loop's own round-1 pruned models and pairs (toy/RESULTS.md)
+    "redpo ref=student0 beta=500 30 steps": ["--loss", "redpo", "--reference", "student0", "--beta", "500",
+                                             "--max-steps", "30"],
+    "redpo ref=student0 beta=500 lr=3e-5": ["--loss", "redpo", "--reference", "student0", "--beta", "500",
+                                            "--lr", "3e-5"],
+    "sft lr=3e-5": ["--loss", "sft", "--lr", "3e-5"],
+    "redpo ref=student0 beta=500 w_sft=4": ["--loss", "redpo", "--reference", "student0", "--beta", "500",
+                                            "--w-sft", "4"],
 }
 
 
