@@ -73,7 +73,7 @@ def get_parser():
     p.add_argument("--masks-only", action="store_true", help="only compute the seeds' pruning masks")
     p.add_argument("--arms", nargs="*", default=list(ARMS), metavar="ARM",
                    help="run only these arms (the evaluation runs once every arm of a seed is trained)")
-    p.add_argument("--out", default=os.path.join(HERE, "STUDY.md"), help="the study's tables (markdown)")
+    p.add_argument("--out", default="", help="the tables (markdown; default toy/STUDY.md, with --loops toy/LOOPS.md)")
     p.add_argument("--loop-args", default="", help="extra online_loop.py flags for every arm, one quoted string")
     p.add_argument("--ratios", type=float, nargs=2, default=[0.8, 0.6], help="kept after round 1 and round 2")
     p.add_argument("--eval-samples", type=int, default=4, help="videos per eval prompt")
@@ -283,6 +283,7 @@ def loop_gains(dirs):
 
 def main(args):
     t0 = time.time()
+    args.out = args.out or os.path.join(HERE, "LOOPS.md" if args.loops else "STUDY.md")
     if args.loops:
         text = (f"# The toy loop as shipped, over seeds\n\nMade by `python toy/study.py {shlex.join(sys.argv[1:])}` on "
                 f"{datetime.date.today()}: the toy judge's average on the 24 eval prompts, mean over the runs ± the "
