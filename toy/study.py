@@ -273,9 +273,8 @@ def loop_gains(dirs):
     for rnd in rounds:
         pruned = {k: rows.get((rnd, "pruned")) for k, (_, rows) in enumerate(runs)}  # by run: seeds may repeat
         student = {k: rows.get((rnd, "student")) for k, (_, rows) in enumerate(runs)}
-        diffs, (mean, half) = paired({s: v for s, v in student.items() if v is not None},
-                                     {s: v for s, v in pruned.items() if v is not None})
         gains = {s: student[s] - pruned[s] if None not in (student[s], pruned[s]) else None for s in student}
+        mean, half = t_interval(gains.values())  # paired per run; a run missing either score is left out
         lines.append(f"| {rnd} | {fmt(*t_interval(pruned.values()))} | {fmt(*t_interval(student.values()))} | "
                      f"{fmt(mean, half, sign=True)} | " + " | ".join(fmt(gains[k], None, sign=True) for k in gains) + " |")
     return "\n".join(lines)
