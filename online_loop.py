@@ -95,6 +95,9 @@ def get_parser():
                    help="DPO reference: the round's pruned student (Diffusion-DPO's convention; chosen on the toy's "
                         "validation prompts) or the teacher M_0 (the paper's figure)")
     p.add_argument("--uncond-prob", type=float, default=0.1, help="prompt dropout in ReDPO (trains the CFG branch)")
+    p.add_argument("--sft-cfg", type=float, default=-1.0,
+                   help="SFT on the teacher's CFG-guided prediction at this scale (redpo.py --sft-cfg; 0 = on the "
+                        "conditional one, the paper's; -1 = the family's: toy 6, chosen on its validation prompts, others 0)")
     p.add_argument("--train-steps", type=int, default=0, help="ReDPO optimizer steps per round (0 = toy 60, others 30)")
     p.add_argument("--train-batch-size", type=int, default=4,
                    help="pairs per ReDPO step and process (with --nproc N a step sees N times as many)")
@@ -464,7 +467,8 @@ def loop(args, lock):
                 run("redpo", student,
                     ["redpo.py", *base, "--student", pruned, "--pairs", kept, "--out", student, "--loss", args.loss,
                      "--beta", args.beta or family.beta, "--w-sft", args.w_sft, "--reference", args.reference,
-                     "--uncond-prob", args.uncond_prob, "--max-steps", steps, "--batch-size", args.train_batch_size,
+                     "--uncond-prob", args.uncond_prob, "--sft-cfg", family.sft_cfg if args.sft_cfg < 0 else args.sft_cfg,
+                     "--max-steps", steps, "--batch-size", args.train_batch_size,
                      "--lr", args.lr, "--seed", args.seed,
                      # real runs keep a training state every 100 steps: a rerun of the loop resumes inside ReDPO
                      *([] if toy else ["--save-every", 100])], log("redpo"), nproc=args.nproc)

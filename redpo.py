@@ -9,7 +9,9 @@ both the DPO reference and the SFT target. With probability --uncond-prob a pair
 empty prompt instead of its own (both members), so the unconditional branch that classifier-free
 guidance uses at sampling time is distilled too. Every --log-every steps the log adds the gradient
 norms of the DPO and SFT terms taken apart, the DPO margin, and the student's distance to the teacher
-(conditional and unconditional) on held-out pairs that are never trained on.
+(conditional, unconditional, and guided as the CFG sampler combines them) on held-out pairs that are never
+trained on. With --sft-cfg w the SFT term compares the guided predictions eps(0) + w (eps(c) - eps(0))
+(the winners seen once more with the empty prompt), the quantity a CFG sampler follows.
 Data order, t, eps and prompt dropout come from one seeded stream over the global batch (--batch-size
 x processes pairs a micro-batch, each rank training its own slice), so N processes train as one
 process with N times the --batch-size (up to float rounding). With --save-every N the training
@@ -52,6 +54,9 @@ def get_parser():
     p.add_argument("--w-sft", type=float, default=1.0, help="weight of the SFT term in ReDPO")
     p.add_argument("--sft-target", default="teacher", choices=["teacher", "noise"],
                    help="SFT regresses onto the teacher's prediction or onto the true noise")
+    p.add_argument("--sft-cfg", type=float, default=0.0,
+                   help="SFT on the guided prediction eps(0) + w (eps(c) - eps(0)) at this CFG scale w, the noise "
+                        "estimate the sampler follows (0 = on the conditional prediction alone; needs --sft-target teacher)")
     p.add_argument("--reference", default="student0", choices=["teacher", "student0"],
                    help="DPO reference: the frozen initial student (Diffusion-DPO's convention; chosen on the toy's "
                         "validation prompts) or the frozen teacher M_0 (the paper's figure)")
@@ -83,11 +88,12 @@ def get_parser():
 
 # ----------------------------------------------------------------------------- the loss
 def redpo_loss_reference(eps_theta, eps_ref, eps, beta=5000.0, w_sft=1.0, loss_type="redpo",
-                         sft_target="teacher", eps_teacher_w=None):
+                         sft_target="teacher", eps_teacher_w=None, eps_theta_sft=None):
     """ReDPO written step by step like METHOD.md section 4 (the oracle the fused loss is tested on).
 
     eps_theta, eps_ref, eps: (2B, C, F, H, W), winners first. eps_teacher_w: the teacher's prediction
-    on the winners when the reference is not the teacher (None = eps_ref's winners).
+    on the winners when the reference is not the teacher (None = eps_ref's winners). eps_theta_sft: the
+    student's winner prediction the SFT term compares (None = eps_theta's winners; --sft-cfg: the guided one).
     """
     B = eps_theta.shape[0] // 2
     eps_theta_w, eps_theta_l = eps_theta[:B], eps_theta[B:]
@@ -110,7 +116,8 @@ def redpo_loss_reference(eps_theta, eps_ref, eps, beta=5000.0, w_sft=1.0, loss_t
         target_w = eps_ref_w if eps_teacher_w is None else eps_teacher_w
     else:
         target_w = eps_w
-    L_sft = (eps_theta_w - target_w).pow(2).mean(dim=all_but_batch)
+    pred_w = eps_theta_w if eps_theta_sft is None else eps_theta_sft
+    L_sft = (pred_w - target_w).pow(2).mean(dim=all_but_batch)
 
     # L_ReDPO = L_DPO + w_sft * L_SFT, averaged over the batch
     if loss_type == "redpo":
@@ -125,7 +132,7 @@ def redpo_loss_reference(eps_theta, eps_ref, eps, beta=5000.0, w_sft=1.0, loss_t
 
 
 def redpo_loss(eps_theta, eps_ref, eps, beta=5000.0, w_sft=1.0, loss_type="redpo", sft_target="teacher",
-               eps_teacher_w=None):
+               eps_teacher_w=None, eps_theta_sft=None):
     """The loss used in training: the same math over the batched predictions in fp32, one reduction
     per model. Shapes as redpo_loss_reference; returns (loss, stats)."""
     if loss_type not in ("redpo", "dpo", "sft") or sft_target not in ("teacher", "noise"):
@@ -141,7 +148,8 @@ def redpo_loss(eps_theta, eps_ref, eps, beta=5000.0, w_sft=1.0, loss_type="redpo
         target_w = eps_ref[:B] if eps_teacher_w is None else eps_teacher_w.float()
     else:
         target_w = eps[:B]
-    L_sft = (eps_theta[:B] - target_w).pow(2).flatten(1).mean(1)  # (B,)
+    pred_w = eps_theta[:B] if eps_theta_sft is None else eps_theta_sft.float()
+    L_sft = (pred_w - target_w).pow(2).flatten(1).mean(1)  # (B,)
     per_sample = {"redpo": L_dpo + w_sft * L_sft, "dpo": L_dpo, "sft": L_sft}[loss_type]
     stats = {"dpo": L_dpo.mean().detach(), "sft": L_sft.mean().detach(),
              "implicit_acc": (inside > 0).float().mean().detach(), "margin": inside.mean().detach(),
@@ -207,7 +215,8 @@ def trainable_parameters(family, unet):
     return params
 
 
-def train_step(family, scheduler, student, teacher_unet, reference, batch, args, use_bf16, device, loss_fn=redpo_loss):
+def train_step(family, scheduler, student, teacher_unet, reference, batch, args, use_bf16, device, loss_fn=redpo_loss,
+               uncond=None):
     """One micro-batch of ReDPO: noise [winners; losers] with a shared t and eps, one student forward
     (with grad) and, under no_grad, the teacher's forward as DPO reference and SFT target; with a
     separate reference (the initial student) its forward on [winners; losers] and the teacher's on the
@@ -215,24 +224,47 @@ def train_step(family, scheduler, student, teacher_unet, reference, batch, args,
 
     batch = (x0_w, x0_l, emb, t, eps) on `device`: winners' and losers' latents (B, C, F, h, w), the
     text embeddings (B, L, D) (the empty prompt's where dropped), and the pairs' timesteps (B,) and
-    noise (B, C, F, h, w), drawn by the caller (the seeded stream of `draw_batch`)."""
+    noise (B, C, F, h, w), drawn by the caller (the seeded stream of `draw_batch`).
+    With --sft-cfg w > 0 (needs `uncond`, the empty prompt's (1, L, D) embedding) the student and the
+    teacher also see the winners with the empty prompt (in the same forwards), and SFT compares their
+    guided predictions eps(0) + w * (eps(c) - eps(0)), the noise estimate a CFG-w sampler follows."""
     x0_w, x0_l, emb, t, eps = batch
     B = x0_w.shape[0]
+    w_cfg = getattr(args, "sft_cfg", 0.0)
+    guided = w_cfg > 0 and args.sft_target == "teacher" and args.loss != "dpo"
     x0 = torch.cat([x0_w, x0_l])                                     # (2B, C, F, h, w): [winners; losers]
     t = t.repeat(2)                                                  # (2B,) shared t per pair
     eps = eps.repeat(2, 1, 1, 1, 1)                                  # (2B, C, F, h, w) shared noise
     x_t = models.add_noise(family, scheduler, x0, eps, t, not args.no_x0_rescale)
     emb2 = torch.cat([emb, emb])                                     # (2B, L, D)
+    # with guided SFT the winners come once more, with the empty prompt: inputs (3B, ...) / teacher's (2B, ...)
+    x_s, t_s, emb_s = x_t, t, emb2
+    x_tw, t_w, emb_w = x_t[:B], t[:B], emb
+    if guided:
+        u = uncond.to(emb.dtype).expand_as(emb)                      # (B, L, D)
+        x_s, t_s, emb_s = torch.cat([x_t, x_t[:B]]), torch.cat([t, t[:B]]), torch.cat([emb2, u])
+        x_tw, t_w, emb_w = torch.cat([x_t[:B]] * 2), torch.cat([t[:B]] * 2), torch.cat([emb, u])
     with torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=use_bf16):
         with torch.no_grad():
             if reference is None:  # the teacher is both the DPO reference and the SFT target
-                eps_ref, eps_teacher_w = models.predict_noise(family, teacher_unet, x_t, t, emb2), None
+                eps_ref = models.predict_noise(family, teacher_unet, x_s, t_s, emb_s)
+                eps_teacher_w = eps_ref[:B] if not guided else torch.cat([eps_ref[:B], eps_ref[2 * B:]])
+                eps_ref = eps_ref[:2 * B]
             else:  # DPO against the initial student; SFT on the teacher, which it needs on the winners only
                 eps_ref = models.predict_noise(family, reference, x_t, t, emb2)
-                eps_teacher_w = models.predict_noise(family, teacher_unet, x_t[:B], t[:B], emb)  # (B, C, F, h, w)
-        eps_theta = models.predict_noise(family, student, x_t, t, emb2)
+                eps_teacher_w = models.predict_noise(family, teacher_unet, x_tw, t_w, emb_w)  # (B or 2B, C, F, h, w)
+        eps_theta = models.predict_noise(family, student, x_s, t_s, emb_s)
     beta = args.beta or family.beta  # 0 = the family default
-    return loss_fn(eps_theta, eps_ref, eps, beta, args.w_sft, args.loss, args.sft_target, eps_teacher_w)
+    eps_theta_sft = None
+    if guided:  # eps(0) + w (eps(c) - eps(0)) for the student and the teacher
+        guide = lambda c, u: u.float() + w_cfg * (c.float() - u.float())
+        eps_theta_sft = guide(eps_theta[:B], eps_theta[2 * B:])
+        eps_teacher_w = guide(eps_teacher_w[:B], eps_teacher_w[B:])
+        eps_theta = eps_theta[:2 * B]
+    elif reference is None:
+        eps_teacher_w = None  # eps_ref's winners
+    return loss_fn(eps_theta, eps_ref, eps, beta, args.w_sft, args.loss, args.sft_target, eps_teacher_w,
+                   eps_theta_sft)
 
 
 def grad_norm_of(term, params):
@@ -244,20 +276,21 @@ def grad_norm_of(term, params):
 @torch.no_grad()
 def teacher_distance(family, scheduler, student, teacher_unet, heldout, uncond, args, use_bf16, device):
     """Mean |eps_student - eps_teacher|^2 on held-out winners at fixed t and noise: with their prompts
-    (cond) and with the empty prompt (uncond, the branch CFG extrapolates from)."""
+    (cond), with the empty prompt (uncond, the branch CFG extrapolates from) and guided as the sampler
+    combines them, eps(0) + cfg (eps(c) - eps(0)) at the family's CFG scale."""
     x0_w, emb = heldout
     g = torch.Generator().manual_seed(1234)
     T = scheduler.config.num_train_timesteps
     t = torch.randint(0, T, (x0_w.shape[0],), generator=g).to(device)
     eps = torch.randn(x0_w.shape, generator=g).to(device)
     x_t = models.add_noise(family, scheduler, x0_w.to(device), eps, t, not args.no_x0_rescale)
-    out = {}
+    d = {}
     for name, e in (("cond", emb.to(device)), ("uncond", uncond.expand_as(emb).to(device))):
         with torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=use_bf16):
-            d = models.predict_noise(family, student, x_t, t, e).float() - models.predict_noise(
+            d[name] = models.predict_noise(family, student, x_t, t, e).float() - models.predict_noise(
                 family, teacher_unet, x_t, t, e).float()
-        out[name] = d.pow(2).mean().item()
-    return out
+    d["guided"] = d["uncond"] + family.cfg * (d["cond"] - d["uncond"])
+    return {name: v.pow(2).mean().item() for name, v in d.items()}
 
 
 def split_heldout(n_pairs, requested, seed):
@@ -334,6 +367,8 @@ def main(args):
     use_bf16 = frozen == torch.bfloat16
     if not 0 <= args.uncond_prob <= 1:
         raise models.UserError(f"--uncond-prob must be in [0, 1] (got {args.uncond_prob})")
+    if args.sft_cfg < 0 or (args.sft_cfg and args.sft_target != "teacher"):
+        raise models.UserError(f"--sft-cfg {args.sft_cfg:g}: needs a scale >= 0 and --sft-target teacher")
 
     x0_w_all, x0_l_all, emb_all = load_pairs(args.pairs)  # validate inputs before any heavy work
     train_idx, held_idx = split_heldout(x0_w_all.shape[0], args.heldout_pairs, args.seed)
@@ -387,7 +422,7 @@ def main(args):
     if rank == 0:
         print(f"redpo: {n_pairs} pairs to train on ({len(held_idx)} held out), "
               f"{sum(p.numel() for p in params):,} trainable parameters, loss={args.loss} beta={beta:g} "
-              f"w_sft={args.w_sft} reference={args.reference} uncond_prob={args.uncond_prob} lr={lr:g} "
+              f"w_sft={args.w_sft} sft_cfg={args.sft_cfg:g} reference={args.reference} uncond_prob={args.uncond_prob} lr={lr:g} "
               f"steps={args.max_steps} (~{args.max_steps * args.batch_size * args.grad_accum * world / n_pairs:.1f} "
               f"epochs) world={world} device={device}")
     from tqdm import tqdm
@@ -406,7 +441,7 @@ def main(args):
             emb = torch.where(drop.to(device).view(-1, 1, 1), uncond.expand_as(emb), emb)  # dropped: empty prompt
             batch = (x0_w_all[idx].to(device), x0_l_all[idx].to(device), emb, t.to(device), eps.to(device))
             loss, stats = train_step(family, scheduler, model, teacher_unet, reference, batch, args, use_bf16, device,
-                                     loss_fn)
+                                     loss_fn, uncond)
             if logging and micro == 0 and world == 1:  # the two terms' gradients taken apart
                 row["grad_norm_dpo"] = round(grad_norm_of(stats["dpo_term"], params), 6)
                 row["grad_norm_sft"] = round(grad_norm_of(stats["sft_term"], params), 6)
@@ -451,6 +486,7 @@ def main(args):
             tqdm.write(f"step {step:5d} | loss {totals['loss']:.4f} | dpo {totals['dpo']:.4f} | sft {totals['sft']:.6f}"
                        f" | implicit_acc {totals['implicit_acc']:.3f} | margin {totals['margin']:.3g}{norms}"
                        f" | dist_teacher {row['dist_teacher_cond']:.5f}/{row['dist_teacher_uncond']:.5f}"
+                       f"/{row['dist_teacher_guided']:.4f}"
                        f" | lr {row['lr']:.2e} | {rate:.2f} steps/s")
     stop_if_non_finite(args.max_steps, [("weight", largest_weight(params))], state_path, f"writing {args.out}")
     if rank == 0:

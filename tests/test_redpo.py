@@ -118,7 +118,7 @@ def test_training_changes_parameters_and_records_provenance(vc2_dir, pruned, pai
     # held-out distance to the teacher with and without the prompt
     for r in (log[0], log[1], log[3]):
         assert r["grad_norm_dpo"] > 0 and r["grad_norm_sft"] > 0 and math.isfinite(r["margin"])
-        assert r["dist_teacher_cond"] > 0 and r["dist_teacher_uncond"] > 0
+        assert r["dist_teacher_cond"] > 0 and r["dist_teacher_uncond"] > 0 and r["dist_teacher_guided"] > 0
     assert "grad_norm_dpo" not in log[2] and "dist_teacher_cond" not in log[2]
 
 
@@ -250,3 +250,49 @@ def test_bad_pairs_file_is_a_one_line_error(vc2_dir, tmp_path):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().count("\n") == 0 and f"{bad}:2" in proc.stderr
     assert not (tmp_path / "o.safetensors").exists()
+
+
+def test_guided_sft_compares_the_predictions_a_cfg_sampler_follows(vc2_dir, pruned, pairs, tmp_path):
+    """--sft-cfg w: the SFT term is |g_student - g_teacher|^2 with g = eps(0) + w (eps(c) - eps(0)) on the
+    winners, the DPO term unchanged; w = 1 is the plain conditional SFT; a scale with --sft-target noise is refused."""
+    fam = models.get_family("vc2")
+    teacher = models.load_teacher(fam, vc2_dir)
+    student, _ = models.load_model(teacher, pruned, torch.float32)
+    with torch.no_grad():  # a student that differs from its reference
+        for p in student.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    reference, _ = models.load_model(teacher, pruned)
+    g = torch.Generator().manual_seed(0)
+    x0_w, x0_l, eps = (torch.randn(2, 4, 4, 4, 4, generator=g) for _ in range(3))
+    emb, t = models.encode_prompts(teacher, ["a", "b"]), torch.tensor([100, 700])
+    uncond = models.encode_prompts(teacher, [""])
+    x_t = models.add_noise(fam, teacher.scheduler, torch.cat([x0_w, x0_l]), eps.repeat(2, 1, 1, 1, 1), t.repeat(2))
+    with torch.no_grad():
+        pred = lambda unet, e: models.predict_noise(fam, unet, x_t, t.repeat(2), torch.cat([e, e]))  # noqa: E731
+        u = uncond.expand_as(emb)
+        guided = lambda unet, w: pred(unet, u)[:2] + w * (pred(unet, emb)[:2] - pred(unet, u)[:2])  # noqa: E731
+        eps_s, eps_t = pred(student, emb), pred(teacher.unet, emb)
+    for w in (3.0, 1.0):
+        args = redpo.get_parser().parse_args(["--pairs", "x", "--out", "y", "--beta", "50", "--sft-cfg", str(w)])
+        for ref in (reference, None):
+            loss, stats = redpo.train_step(fam, teacher.scheduler, student, teacher.unet, ref,
+                                           (x0_w, x0_l, emb, t, eps), args, False, "cpu", uncond=uncond)
+            eps_ref = eps_t if ref is None else pred(ref, emb)
+            want, want_stats = redpo.redpo_loss_reference(eps_s, eps_ref, eps.repeat(2, 1, 1, 1, 1), 50.0, 1.0,
+                                                          eps_teacher_w=guided(teacher.unet, w),
+                                                          eps_theta_sft=guided(student, w))
+            plain, plain_stats = redpo.redpo_loss_reference(eps_s, eps_ref, eps.repeat(2, 1, 1, 1, 1), 50.0, 1.0,
+                                                            eps_teacher_w=eps_t[:2])
+            assert loss.item() == pytest.approx(want.item(), rel=1e-5)
+            assert stats["sft"].item() == pytest.approx(want_stats["sft"].item(), rel=1e-5)
+            assert stats["dpo"].item() == pytest.approx(plain_stats["dpo"].item(), rel=1e-5)
+            if w == 1.0:
+                assert stats["sft"].item() == pytest.approx(plain_stats["sft"].item(), rel=1e-4)
+            else:  # the guided error is not the conditional one
+                assert abs(stats["sft"].item() - plain_stats["sft"].item()) > 0.05 * plain_stats["sft"].item()
+    args = redpo.get_parser().parse_args(["--model", "vc2", "--teacher", vc2_dir, "--student", pruned, "--pairs",
+                                          os.path.join(pairs[0], "pairs.jsonl"), "--out", str(tmp_path / "s.safetensors"),
+                                          "--sft-cfg", "6", "--sft-target", "noise"])
+    with pytest.raises(models.UserError, match="--sft-cfg 6"):
+        redpo.main(args)
+    assert not os.listdir(tmp_path)

@@ -52,6 +52,10 @@ CONFIGS = {  # name: redpo.py flags (on top of --max-steps/--batch-size/--lr giv
     "sft lr=3e-5": ["--loss", "sft", "--lr", "3e-5"],
     "redpo ref=student0 beta=500 w_sft=4": ["--loss", "redpo", "--reference", "student0", "--beta", "500",
                                             "--w-sft", "4"],
+    # SFT on the CFG-guided prediction (redpo.py --sft-cfg), the noise estimate the sampler follows
+    "redpo ref=student0 beta=500 sft_cfg=6": ["--loss", "redpo", "--reference", "student0", "--beta", "500",
+                                              "--sft-cfg", "6"],
+    "sft sft_cfg=6": ["--loss", "sft", "--sft-cfg", "6"],
 }
 
 
@@ -100,6 +104,12 @@ def run_seed(args, seed):
          "--out-dir", os.path.join(work, "val"), "--no-efficiency", "--no-side-by-side"])
 
 
+def guided(logs):
+    """The guided distance to the teacher (last log line, mean over seeds); '-' for logs from before it was logged."""
+    values = [log["dist_teacher_guided"] for log in logs if "dist_teacher_guided" in log]
+    return f"{sum(values) / len(values):.4f}" if len(values) == len(logs) else "-"
+
+
 def gather(args):
     rows, t0 = [], time.time()
     for name in args.configs:
@@ -116,10 +126,10 @@ def gather(args):
         rows.append(f"| {name} | {mean:+.3f} ± {half:.3f} | " + " | ".join(f"{g['average']:+.3f}" for g in gains)
                     + " | " + " | ".join(f"{sum(g[d] for g in gains) / len(gains):+.3f}" for d in models.DIMS)
                     + f" | {last('implicit_acc'):.2f} | {last('margin'):.3g} | {last('dist_teacher_cond'):.4f}"
-                    f" | {last('dist_teacher_uncond'):.4f} |")
+                    f" | {last('dist_teacher_uncond'):.4f} | {guided(logs)} |")
     head = ("| configuration | gain (avg) ± 95 % | " + " | ".join(f"seed {s}" for s in args.seeds)
-            + " | VQ | TC | DD | TA | implicit acc (last) | margin (last) | dist. to teacher cond | uncond |\n"
-            + "|---" * (10 + len(args.seeds)) + "|")
+            + " | VQ | TC | DD | TA | implicit acc (last) | margin (last) | dist. to teacher cond | uncond | guided |\n"
+            + "|---" * (11 + len(args.seeds)) + "|")
     text = (f"# The toy sweep (validation prompts)\n\nMade by `python toy/sweep.py {shlex.join(sys.argv[1:])}` on "
             f"{datetime.date.today()} ({platform.machine()}, {os.cpu_count()} CPU cores). Gain = student - untrained "
             f"pruned model on toy/prompts/val.txt ({args.samples} videos a prompt, the same noise for every model), "
