@@ -7,7 +7,7 @@ import pytest
 from conftest import ROOT, run
 
 STAGES = ["prune.py", "make_pairs.py", "filter_pairs.py", "redpo.py", "online_loop.py", "evaluate.py"]
-SCRIPTS = STAGES + ["tools/convert_vc2.py", "toy/train_teacher.py", "toy/study.py", "toy/sweep.py"]
+SCRIPTS = STAGES + ["tools/convert_vc2.py", "toy/train_teacher.py", "toy/study.py", "toy/sweep.py", "toy/guidance_error.py"]
 
 
 @pytest.mark.parametrize("script", [s for s in SCRIPTS if os.path.exists(os.path.join(ROOT, s))])

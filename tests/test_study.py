@@ -81,3 +81,50 @@ def test_loop_gains_pairs_each_round_student_with_its_own_pruned_start(tmp_path)
     assert cells[3].startswith("+0.040")  # round 2: (0.05 + 0.03 + 0.04) / 3
     with pytest.raises(UserError, match="results.json: no such file"):
         study.loop_gains(dirs + [str(tmp_path / "unfinished")])
+
+
+def test_guidance_error_compares_predictions_along_the_teachers_path(tmp_path, capsys):
+    """toy/guidance_error.py: the teacher's own copy is at distance 0 in every branch; a perturbed student is
+    not, and its guided error is the one of eps(0) + cfg (eps(c) - eps(0)) (checked at the first step)."""
+    import copy
+
+    import torch
+
+    import models
+    from toy import guidance_error
+
+    fam = models.get_family("toy")
+    teacher = models.load_teacher(fam, "", dtype=torch.float32)
+    student = copy.deepcopy(teacher.unet)
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(1e-3 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    prompts = ["a red circle moving left slowly", "a blue square moving up quickly"]
+    errors = guidance_error.path_errors(teacher, [copy.deepcopy(teacher.unet), student], prompts, seeds=1)
+    assert errors[0] == {"cond": 0.0, "uncond": 0.0, "guided": 0.0}
+    assert all(v > 0 for v in errors[1].values()) and errors[1]["guided"] != errors[1]["cond"]
+    one_step = lambda: guidance_error.path_errors(teacher, [student], prompts, seeds=1)[0]  # noqa: E731
+    steps = fam.steps
+    try:  # one DDIM step: the guided error by hand from the two branches at x_T
+        object.__setattr__(fam, "steps", 1)
+        got = one_step()
+    finally:
+        object.__setattr__(fam, "steps", steps)
+    x = models.seeded_noise([11 * 100_000 + i for i in range(2)], models.latent_shape(teacher, fam.frames, fam.height,
+                                                                                         fam.width))
+    teacher.scheduler.set_timesteps(1)
+    t = torch.full((2,), teacher.scheduler.timesteps[0].item(), dtype=torch.long)
+    cond, uncond = models.encode_prompts(teacher, prompts), models.encode_prompts(teacher, [""]).expand(2, -1, -1)
+    with torch.no_grad():
+        d_c = models.predict_noise(fam, student, x, t, cond) - models.predict_noise(fam, teacher.unet, x, t, cond)
+        d_u = models.predict_noise(fam, student, x, t, uncond) - models.predict_noise(fam, teacher.unet, x, t, uncond)
+    assert got["cond"] == pytest.approx(d_c.pow(2).mean().item(), rel=1e-4)
+    assert got["guided"] == pytest.approx((d_u + fam.cfg * (d_c - d_u)).pow(2).mean().item(), rel=1e-4)
+    path = tmp_path / "s.safetensors"
+    models.save_student(str(path), fam, student, teacher)
+    prompt_file = tmp_path / "p.txt"
+    prompt_file.write_text("\n".join(prompts) + "\n")
+    guidance_error.main(guidance_error.get_parser().parse_args(["--students", str(path), "--prompts", str(prompt_file),
+                                                                "--seeds", "1"]))
+    row = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith(f"| {path} |")]
+    assert len(row) == 1 and float(row[0].split("|")[4]) == pytest.approx(errors[1]["guided"], rel=1e-3)
