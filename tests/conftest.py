@@ -95,3 +95,21 @@ def pairs(vc2_dir, pruned, prompts_file, tmp_path_factory):
     proc = run("make_pairs.py", "--model", "vc2", "--teacher", vc2_dir, "--student", pruned, "--prompts",
                prompts_file, "--out-dir", out, "--batch-size", "3", *TINY_SAMPLING)
     return out, proc
+
+
+def train_step_inputs(vc2_dir, pruned):
+    """The tiny vc2 teacher, a float32 student that differs from its reference (the pruned model), and one
+    batch of two pairs for redpo.train_step: (family, teacher, student, reference, (x0_w, x0_l, emb, t, eps))."""
+    import models
+
+    fam = models.get_family("vc2")
+    teacher = models.load_teacher(fam, vc2_dir)
+    student, _ = models.load_model(teacher, pruned, torch.float32)
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    reference, _ = models.load_model(teacher, pruned)
+    g = torch.Generator().manual_seed(0)
+    x0_w, x0_l, eps = (torch.randn(2, 4, 4, 4, 4, generator=g) for _ in range(3))
+    emb, t = models.encode_prompts(teacher, ["a", "b"]), torch.tensor([100, 700])
+    return fam, teacher, student, reference, (x0_w, x0_l, emb, t, eps)

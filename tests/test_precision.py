@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 
 import models
 import redpo
+from conftest import train_step_inputs
 
 
 def test_frozen_dtype_is_bf16_on_cuda_only():
@@ -77,16 +78,7 @@ def test_redpo_bf16_trains_float32_master_weights(vc2_dir, pruned, pairs, tmp_pa
 def test_train_step_loss_is_the_reference_math_on_the_models_predictions(vc2_dir, pruned):
     """The CPU path is unchanged: train_step's loss (the teacher on the winners only when the reference is
     the initial student) equals METHOD.md's loss on predictions made the plain way, to float rounding."""
-    fam = models.get_family("vc2")
-    teacher = models.load_teacher(fam, vc2_dir)
-    student, _ = models.load_model(teacher, pruned, torch.float32)
-    with torch.no_grad():  # a student that differs from its reference
-        for p in student.parameters():
-            p.add_(0.01 * torch.randn_like(p))
-    reference, _ = models.load_model(teacher, pruned)
-    g = torch.Generator().manual_seed(0)
-    x0_w, x0_l, eps = (torch.randn(2, 4, 4, 4, 4, generator=g) for _ in range(3))
-    emb, t = models.encode_prompts(teacher, ["a", "b"]), torch.tensor([100, 700])
+    fam, teacher, student, reference, (x0_w, x0_l, emb, t, eps) = train_step_inputs(vc2_dir, pruned)
     args = redpo.get_parser().parse_args(["--pairs", "x", "--out", "y", "--beta", "50"])
     for ref in (reference, None):  # the initial student, or the teacher as the DPO reference
         loss, stats = redpo.train_step(fam, teacher.scheduler, student, teacher.unet, ref,

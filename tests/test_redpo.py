@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 import models
 import redpo
-from conftest import ROOT, run
+from conftest import ROOT, run, train_step_inputs
 
 LOSS_TYPES = ["redpo", "dpo", "sft"]
 SFT_TARGETS = ["teacher", "noise"]
@@ -255,16 +255,7 @@ def test_bad_pairs_file_is_a_one_line_error(vc2_dir, tmp_path):
 def test_guided_sft_compares_the_predictions_a_cfg_sampler_follows(vc2_dir, pruned, pairs, tmp_path):
     """--sft-cfg w: the SFT term is |g_student - g_teacher|^2 with g = eps(0) + w (eps(c) - eps(0)) on the
     winners, the DPO term unchanged; w = 1 is the plain conditional SFT; a scale with --sft-target noise is refused."""
-    fam = models.get_family("vc2")
-    teacher = models.load_teacher(fam, vc2_dir)
-    student, _ = models.load_model(teacher, pruned, torch.float32)
-    with torch.no_grad():  # a student that differs from its reference
-        for p in student.parameters():
-            p.add_(0.01 * torch.randn_like(p))
-    reference, _ = models.load_model(teacher, pruned)
-    g = torch.Generator().manual_seed(0)
-    x0_w, x0_l, eps = (torch.randn(2, 4, 4, 4, 4, generator=g) for _ in range(3))
-    emb, t = models.encode_prompts(teacher, ["a", "b"]), torch.tensor([100, 700])
+    fam, teacher, student, reference, (x0_w, x0_l, emb, t, eps) = train_step_inputs(vc2_dir, pruned)
     uncond = models.encode_prompts(teacher, [""])
     x_t = models.add_noise(fam, teacher.scheduler, torch.cat([x0_w, x0_l]), eps.repeat(2, 1, 1, 1, 1), t.repeat(2))
     with torch.no_grad():
