@@ -85,7 +85,8 @@ def test_one_shot_and_animatediff(animatediff_dirs, toy_prompts, tmp_path):
     assert rows[-1]["params"] <= 0.6 * rows[0]["params"]
     log = [json.loads(ln) for ln in open(os.path.join(work, "oneshot", "student.log.jsonl"))]
     assert len(log) == 2  # one-shot trains --train-steps at the final size, as the online loop's last round
-    assert json.loads(models.read_student_meta(os.path.join(work, "oneshot", "student.safetensors"))["args"])["loss"] == "sft"
+    trained = json.loads(models.read_student_meta(os.path.join(work, "oneshot", "student.safetensors"))["args"])
+    assert trained["loss"] == "sft" and trained["sft_cfg"] == 0.0  # real families: the paper's conditional SFT
 
 
 def test_masks_from_another_run_give_the_same_architecture(vc2_dir, toy_prompts, tmp_path):
@@ -155,3 +156,5 @@ def test_the_embedded_toy_loop_with_reduced_settings(tmp_path):
     assert rows[-1]["params"] <= models.get_family("toy").final_ratio * rows[0]["params"]
     assert all(0 <= r[d] <= 1 for r in rows for d in models.DIMS)
     assert rows[2]["pairs_made"] == 8  # the toy's default: 2 pairs a curated prompt, each from its own seed
+    trained = json.loads(models.read_student_meta(str(tmp_path / "work" / "round-1" / "student.safetensors"))["args"])
+    assert trained["sft_cfg"] == models.get_family("toy").sft_cfg == 6.0  # the toy's guided SFT reaches redpo
