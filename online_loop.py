@@ -97,7 +97,8 @@ def get_parser():
     p.add_argument("--uncond-prob", type=float, default=0.1, help="prompt dropout in ReDPO (trains the CFG branch)")
     p.add_argument("--sft-cfg", type=float, default=-1.0,
                    help="SFT on the teacher's CFG-guided prediction at this scale (redpo.py --sft-cfg; 0 = on the "
-                        "conditional one, the paper's; -1 = the family's: toy 6, chosen on its validation prompts, others 0)")
+                        "conditional one, the paper's; -1 = the family's: toy 6, chosen on its validation prompts, "
+                        "others 0)")
     p.add_argument("--train-steps", type=int, default=0, help="ReDPO optimizer steps per round (0 = toy 60, others 30)")
     p.add_argument("--train-batch-size", type=int, default=4,
                    help="pairs per ReDPO step and process (with --nproc N a step sees N times as many)")

@@ -56,7 +56,8 @@ def get_parser():
                    help="SFT regresses onto the teacher's prediction or onto the true noise")
     p.add_argument("--sft-cfg", type=float, default=0.0,
                    help="SFT on the guided prediction eps(0) + w (eps(c) - eps(0)) at this CFG scale w, the noise "
-                        "estimate the sampler follows (0 = on the conditional prediction alone; needs --sft-target teacher)")
+                        "estimate the sampler follows (0 = on the conditional prediction alone; needs "
+                        "--sft-target teacher)")
     p.add_argument("--reference", default="student0", choices=["teacher", "student0"],
                    help="DPO reference: the frozen initial student (Diffusion-DPO's convention; chosen on the toy's "
                         "validation prompts) or the frozen teacher M_0 (the paper's figure)")
@@ -422,7 +423,8 @@ def main(args):
     if rank == 0:
         print(f"redpo: {n_pairs} pairs to train on ({len(held_idx)} held out), "
               f"{sum(p.numel() for p in params):,} trainable parameters, loss={args.loss} beta={beta:g} "
-              f"w_sft={args.w_sft} sft_cfg={args.sft_cfg:g} reference={args.reference} uncond_prob={args.uncond_prob} lr={lr:g} "
+              f"w_sft={args.w_sft} sft_cfg={args.sft_cfg:g} reference={args.reference} "
+              f"uncond_prob={args.uncond_prob} lr={lr:g} "
               f"steps={args.max_steps} (~{args.max_steps * args.batch_size * args.grad_accum * world / n_pairs:.1f} "
               f"epochs) world={world} device={device}")
     from tqdm import tqdm
