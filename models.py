@@ -680,6 +680,12 @@ def in_threads(fn, n, device, workers=None):
 
 
 @torch.no_grad()
+def guide(eps_u, eps_c, scale):
+    """Classifier-free guidance: eps(0) + scale * (eps(c) - eps(0)), the noise estimate a CFG sampler follows
+    (of differences too: the guided error from the two branches' errors)."""
+    return eps_u + scale * (eps_c - eps_u)
+
+
 def sample(family, unet, scheduler, cond, uncond, seeds, shape, steps, cfg, eta=0.0, x0_rescale=True,
            progress=False, bf16=False):
     """DDIM sampling with classifier-free guidance in one batched forward.
@@ -706,7 +712,7 @@ def sample(family, unet, scheduler, cond, uncond, seeds, shape, steps, cfg, eta=
             tt = torch.full((2 * n,), t, device=device, dtype=torch.long)
             with autocast(device, bf16):
                 eps_u, eps_c = predict_noise(family, unet, torch.cat([x, x]).to(dtype), tt, emb).float().chunk(2)
-            eps = eps_u + cfg * (eps_c - eps_u)
+            eps = guide(eps_u, eps_c, cfg)
             noise = torch.stack([torch.randn(shape, generator=g) for g in gens]).to(device) if eta > 0 else None
             prev_t = timesteps[i + 1] if i + 1 < len(timesteps) else -1  # "leading": t - T // steps
             x = ddim_step(family, scheduler, x, eps, t, prev_t, eta, noise, x0_rescale)

@@ -249,7 +249,8 @@ def train_step(family, scheduler, student, teacher_unet, reference, batch, args,
         with torch.no_grad():
             if reference is None:  # the teacher is both the DPO reference and the SFT target
                 eps_ref = models.predict_noise(family, teacher_unet, x_s, t_s, emb_s)
-                eps_teacher_w = eps_ref[:B] if not guided else torch.cat([eps_ref[:B], eps_ref[2 * B:]])
+                # the SFT target: its guided parts, or (None) eps_ref's winners
+                eps_teacher_w = torch.cat([eps_ref[:B], eps_ref[2 * B:]]) if guided else None
                 eps_ref = eps_ref[:2 * B]
             else:  # DPO against the initial student; SFT on the teacher, which it needs on the winners only
                 eps_ref = models.predict_noise(family, reference, x_t, t, emb2)
@@ -257,13 +258,10 @@ def train_step(family, scheduler, student, teacher_unet, reference, batch, args,
         eps_theta = models.predict_noise(family, student, x_s, t_s, emb_s)
     beta = args.beta or family.beta  # 0 = the family default
     eps_theta_sft = None
-    if guided:  # eps(0) + w (eps(c) - eps(0)) for the student and the teacher
-        guide = lambda c, u: u.float() + w_cfg * (c.float() - u.float())
-        eps_theta_sft = guide(eps_theta[:B], eps_theta[2 * B:])
-        eps_teacher_w = guide(eps_teacher_w[:B], eps_teacher_w[B:])
+    if guided:  # eps(0) + w (eps(c) - eps(0)) for the student and the teacher, in float32
+        eps_theta_sft = models.guide(eps_theta[2 * B:].float(), eps_theta[:B].float(), w_cfg)
+        eps_teacher_w = models.guide(eps_teacher_w[B:].float(), eps_teacher_w[:B].float(), w_cfg)
         eps_theta = eps_theta[:2 * B]
-    elif reference is None:
-        eps_teacher_w = None  # eps_ref's winners
     return loss_fn(eps_theta, eps_ref, eps, beta, args.w_sft, args.loss, args.sft_target, eps_teacher_w,
                    eps_theta_sft)
 
@@ -290,7 +288,7 @@ def teacher_distance(family, scheduler, student, teacher_unet, heldout, uncond, 
         with torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=use_bf16):
             d[name] = models.predict_noise(family, student, x_t, t, e).float() - models.predict_noise(
                 family, teacher_unet, x_t, t, e).float()
-    d["guided"] = d["uncond"] + family.cfg * (d["cond"] - d["uncond"])
+    d["guided"] = models.guide(d["uncond"], d["cond"], family.cfg)
     return {name: v.pow(2).mean().item() for name, v in d.items()}
 
 

@@ -53,7 +53,7 @@ def path_errors(teacher, students, prompts, seeds, seed0=11):
 
             def predict(unet):  # (uncond, cond, guided), each (n, C, F, h, w)
                 e_u, e_c = models.predict_noise(fam, unet, torch.cat([x, x]), tt, emb).float().chunk(2)
-                return e_u, e_c, e_u + fam.cfg * (e_c - e_u)
+                return e_u, e_c, models.guide(e_u, e_c, fam.cfg)
 
             ref = predict(teacher.unet)
             for k, unet in enumerate(students):
