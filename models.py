@@ -679,13 +679,13 @@ def in_threads(fn, n, device, workers=None):
         return list(pool.map(run, [slice(a, b) for a, b in zip(bounds, bounds[1:])]))
 
 
-@torch.no_grad()
 def guide(eps_u, eps_c, scale):
     """Classifier-free guidance: eps(0) + scale * (eps(c) - eps(0)), the noise estimate a CFG sampler follows
     (of differences too: the guided error from the two branches' errors)."""
     return eps_u + scale * (eps_c - eps_u)
 
 
+@torch.no_grad()
 def sample(family, unet, scheduler, cond, uncond, seeds, shape, steps, cfg, eta=0.0, x0_rescale=True,
            progress=False, bf16=False):
     """DDIM sampling with classifier-free guidance in one batched forward.

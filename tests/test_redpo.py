@@ -263,7 +263,8 @@ def test_guided_sft_compares_the_predictions_a_cfg_sampler_follows(vc2_dir, prun
         u = uncond.expand_as(emb)
         guided = lambda unet, w: pred(unet, u)[:2] + w * (pred(unet, emb)[:2] - pred(unet, u)[:2])  # noqa: E731
         eps_s, eps_t = pred(student, emb), pred(teacher.unet, emb)
-    for w in (3.0, 1.0):
+    params = redpo.trainable_parameters(fam, student)
+    for w in (1.0, 3.0):  # the last, w = 3 against the teacher, is also checked for its gradient
         args = redpo.get_parser().parse_args(["--pairs", "x", "--out", "y", "--beta", "50", "--sft-cfg", str(w)])
         for ref in (reference, None):
             loss, stats = redpo.train_step(fam, teacher.scheduler, student, teacher.unet, ref,
@@ -281,6 +282,13 @@ def test_guided_sft_compares_the_predictions_a_cfg_sampler_follows(vc2_dir, prun
                 assert stats["sft"].item() == pytest.approx(plain_stats["sft"].item(), rel=1e-4)
             else:  # the guided error is not the conditional one
                 assert abs(stats["sft"].item() - plain_stats["sft"].item()) > 0.05 * plain_stats["sft"].item()
+    # the guided SFT term's gradient reaches the student through both branches (the reference math, with grad)
+    got = torch.autograd.grad(stats["sft_term"], params, allow_unused=True)
+    want = (guided(student, w) - guided(teacher.unet, w).detach()).pow(2).mean()
+    want = torch.autograd.grad(want, params, allow_unused=True)
+    norm = lambda gs: torch.sqrt(sum(g.pow(2).sum() for g in gs if g is not None))  # noqa: E731
+    assert norm(got) > 0
+    assert norm([a - b for a, b in zip(got, want) if a is not None]) < 1e-4 * norm(want)
     args = redpo.get_parser().parse_args(["--model", "vc2", "--teacher", vc2_dir, "--student", pruned, "--pairs",
                                           os.path.join(pairs[0], "pairs.jsonl"), "--out", str(tmp_path / "s.safetensors"),
                                           "--sft-cfg", "6", "--sft-target", "noise"])
