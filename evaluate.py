@@ -163,9 +163,9 @@ def efficiency(teacher, unet, cond, uncond, seed, settings, repeats, device):
     # the flop counter knows CUDA's fused attention kernels but not the CPU one: count the math form there
     on_cuda = str(device).startswith("cuda")
     with (contextlib.nullcontext() if on_cuda else sdpa_kernel([SDPBackend.MATH])), \
-            FlopCounterMode(display=False) as counter, models.autocast(device, bf16):
+            FlopCounterMode(display=False) as counter, models.autocast(device, bf16, unet):
         forward()
-    with models.autocast(device, bf16):
+    with models.autocast(device, bf16, unet):
         unet_s = median_seconds(forward, repeats, device, warmup=1)
     if on_cuda:
         torch.cuda.reset_peak_memory_stats(device)

@@ -500,8 +500,17 @@ def frozen_dtype(device, precision="auto"):
     return torch.bfloat16 if bf16 else torch.float32
 
 
-def autocast(device, enabled):
-    """bf16 autocast on the device's type when enabled (matmuls and convolutions in bf16, reductions in fp32)."""
+def autocast(device, enabled, unet=None):
+    """bf16 autocast on the device's type when enabled (matmuls and convolutions in bf16, reductions in fp32).
+
+    Given the `unet` it is for, only when its weights are float32 (a trained student): bf16 weights then run
+    natively, as diffusers' pipelines run them, since autocast would take their group norms and softmaxes to
+    float32 and back (sampling 15 % slower on an H200: benchmarks/RESULTS.md). redpo's train_step keeps
+    autocast for every model: there the DPO term multiplies the student-reference error gap by beta / 2, so
+    the reference must follow the student's numerics (a native bf16 reference moved the step-1 loss of a
+    student equal to it from log 2 = 0.693 to 0.525 at VC2's beta)."""
+    if unet is not None and next(unet.parameters()).dtype != torch.float32:
+        enabled = False
     return torch.autocast(str(device).split(":")[0], dtype=torch.bfloat16, enabled=enabled)
 
 
@@ -590,7 +599,8 @@ def predict_noise(family, unet, x_t, t, emb):
     """eps(x_t, c, t) for latent videos x_t (B, C, F, h, w), timesteps t (B,), embeddings emb (B, L, D)."""
     if family.name == "animatediff":  # diffusers >= 0.31 wants one text embedding per frame
         emb = emb.repeat_interleave(x_t.shape[2], dim=0)  # (B*F, L, D)
-    return unet(x_t, t, encoder_hidden_states=emb, return_dict=False)[0]
+    dtype = next(unet.parameters()).dtype  # bf16 weights get bf16 inputs (under autocast its first ops cast them too)
+    return unet(x_t.to(dtype), t, encoder_hidden_states=emb.to(dtype), return_dict=False)[0]
 
 
 def x0_scale(family, t, enabled=True):
@@ -710,7 +720,7 @@ def sample(family, unet, scheduler, cond, uncond, seeds, shape, steps, cfg, eta=
         gens = [torch.Generator().manual_seed(int(s) + 1) for s in seeds[sl]]
         for i, t in enumerate(tqdm(timesteps, desc="ddim", leave=False, disable=not progress)):
             tt = torch.full((2 * n,), t, device=device, dtype=torch.long)
-            with autocast(device, bf16):
+            with autocast(device, bf16, unet):
                 eps_u, eps_c = predict_noise(family, unet, torch.cat([x, x]).to(dtype), tt, emb).float().chunk(2)
             eps = guide(eps_u, eps_c, cfg)
             noise = torch.stack([torch.randn(shape, generator=g) for g in gens]).to(device) if eta > 0 else None

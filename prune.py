@@ -122,7 +122,7 @@ def spearman(a, b):
 @torch.no_grad()
 def predictions(family, unet, cond, x_t, t, bf16=False):
     """eps of `unet` on probe inputs x_t (N, C, F, h, w) at each timestep of t (K,): (K, N, C, F, h, w)."""
-    with models.autocast(x_t.device, bf16):
+    with models.autocast(x_t.device, bf16, unet):
         return torch.stack([models.predict_noise(family, unet, x_t, torch.full((x_t.shape[0],), tk, device=x_t.device),
                                                  cond).float() for tk in t.tolist()])
 

@@ -76,6 +76,9 @@ def get_parser():
     p.add_argument("--out", default="", help="also write the header, rows and checks to this JSON file")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights and inputs")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the UNets of the 'ours' train and sample rows (as redpo.py --compile; the "
+                        "train+gc rows and the baselines stay eager; compile time is in the warm-up, not the timing)")
     return p
 
 
@@ -306,13 +309,17 @@ def train_row(row, family, base, args, rargs, batch, frozen, device, loss_fn):
     student, params, teacher, reference = step_models(family, base, args, rargs, frozen)
     if row["group"] == "train+gc":
         redpo.checkpoint_blocks(student)
-    ours = row["row"] == "ours"  # ours: fused AdamW on CUDA and the loss as redpo.main runs it; the baseline: defaults
+    ours = row["row"].startswith("ours")  # ours: fused AdamW on CUDA, the loss as redpo.main runs it; baseline: defaults
+    kind = "ours" if ours else "baseline"
+    if ours and args.compile and row["group"] == "train":  # as redpo.main --compile
+        student, teacher = torch.compile(student), torch.compile(teacher)
+        reference = torch.compile(reference) if reference is not None else None
     opt = torch.optim.AdamW(params, lr=rargs.lr or family.lr, weight_decay=rargs.weight_decay,
                             fused=True if ours and device.startswith("cuda") else None)
     loss_fn, scheduler, losses = loss_fn if ours else redpo.redpo_loss, ddim(family), []
 
     def step():
-        loss, _ = LOSSES[row["row"]](family, scheduler, student, teacher, reference, batch, rargs,
+        loss, _ = LOSSES[kind](family, scheduler, student, teacher, reference, batch, rargs,
                                      frozen == torch.bfloat16, device, loss_fn)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, rargs.max_grad_norm if rargs.max_grad_norm > 0 else math.inf)
@@ -325,35 +332,43 @@ def train_row(row, family, base, args, rargs, batch, frozen, device, loss_fn):
 
 def sample_rows(rows, family, base, vae, args, cond, uncond, shape, size, steps, frozen, device):
     """Time models.sample, the diffusers pipeline (latents out) and models.decode (the rows, in that order);
-    return the 2-step eta-0 agreement of ours (no x0 rescaling) with the pipeline from the same noise."""
+    return the 2-step eta-0 agreement of ours (no x0 rescaling) with the pipeline from the same noise, both
+    run on a float32 copy of the UNet (in bf16 the two differ by rounding: the pipeline keeps its latents and
+    its DDIM update in bf16, ours in float32)."""
     from diffusers import AnimateDiffPipeline, DDIMScheduler, TextToVideoSDPipeline
 
     unet, scheduler = sampled_model(args, base), ddim(family)
-    parts = dict(vae=vae, text_encoder=None, tokenizer=None, unet=unet,  # no text encoder: embeddings are passed
-                 scheduler=DDIMScheduler.from_config(scheduler.config))
-    if family.name == "animatediff":
-        pipe = AnimateDiffPipeline(**parts, motion_adapter=None)  # the UNet is already a UNetMotionModel
-    else:
-        pipe = TextToVideoSDPipeline(**parts)
-    pipe.set_progress_bar_config(disable=True)
     frames, height, width = size
 
-    def ours(steps, eta, x0_rescale=True):
+    def pipeline(unet):
+        parts = dict(vae=vae, text_encoder=None, tokenizer=None, unet=unet,  # no text encoder: embeddings are passed
+                     scheduler=DDIMScheduler.from_config(scheduler.config))
+        if family.name == "animatediff":
+            pipe = AnimateDiffPipeline(**parts, motion_adapter=None)  # the UNet is already a UNetMotionModel
+        else:
+            pipe = TextToVideoSDPipeline(**parts)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    def ours(unet, steps, eta, x0_rescale=True):
         return models.sample(family, unet, scheduler, cond, uncond, [args.seed], shape, steps, family.cfg, eta,
                              x0_rescale, bf16=frozen == torch.bfloat16)
 
-    def theirs(steps, eta, latents=None):
+    def theirs(pipe, steps, eta, latents=None):
         return pipe(prompt_embeds=cond, negative_prompt_embeds=uncond, num_frames=frames, height=height, width=width,
                     num_inference_steps=steps, guidance_scale=family.cfg, eta=eta, latents=latents,
                     generator=torch.Generator().manual_seed(args.seed), output_type="latent").frames
-    for row, fn in zip(rows, (ours, theirs)):
+    ours_unet = torch.compile(unet) if args.compile else unet
+    for row, fn in zip(rows, (lambda: ours(ours_unet, steps, family.eta), lambda: theirs(pipeline(unet), steps,
+                                                                                         family.eta))):
         with fresh_memory(device, row):
-            row["times"] = timed(lambda: fn(steps, family.eta), args.warmup, args.repeats, device)
-    latents = ours(steps, family.eta)  # (1, C, F, h, w)
+            row["times"] = timed(fn, args.warmup, args.repeats, device)
+    latents = ours(unet, steps, family.eta)  # (1, C, F, h, w)
     with fresh_memory(device, rows[2]):
         rows[2]["times"] = timed(lambda: models.decode(vae, latents), args.warmup, args.repeats, device)
-    a = ours(2, 0.0, x0_rescale=False)
-    b = theirs(2, 0.0, latents=models.seeded_noise([args.seed], shape).to(device, frozen)).float()
+    unet32 = unet if frozen == torch.float32 else copy.deepcopy(unet).float()
+    a = ours(unet32, 2, 0.0, x0_rescale=False)
+    b = theirs(pipeline(unet32), 2, 0.0, latents=models.seeded_noise([args.seed], shape).to(device)).float()
     return {"agreement_max_abs_diff": (a - b).abs().max().item(), "agreement_max_abs_latent": a.abs().max().item()}
 
 
@@ -384,7 +399,8 @@ def report(args, info, rows, checks):
              f"- peak memory: {info['memory']}; one UNet forward on one video: "
              f"{info['forward_one_video_tflop']:.4g} TFLOP",
              f"- --model {args.model}{' --tiny' if args.tiny else ''} --reference {args.reference}"
-             f"{' --remove ' + args.remove if args.remove else ''} --warmup {args.warmup} --repeats {args.repeats}; "
+             f"{' --remove ' + args.remove if args.remove else ''}{' --compile' if args.compile else ''} "
+             f"--warmup {args.warmup} --repeats {args.repeats}; "
              f"{rows[4]['steps']} DDIM steps a video; per s: pairs (train) or videos; speed-up: the group's baseline "
              "median / the row's", "",
              "| " + " | ".join(c[0] for c in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
@@ -400,7 +416,7 @@ def report(args, info, rows, checks):
     if "agreement_max_abs_diff" in checks:
         why = " (differs by design: AnimateDiff's DDIM steps to t - 1000 // steps)" if args.model == "animatediff" \
             else ""
-        lines.append(f"- 2-step eta-0 agreement, ours (no x0 rescaling) vs the pipeline: max |diff| = "
+        lines.append(f"- 2-step eta-0 agreement, float32 UNet, ours (no x0 rescaling) vs the pipeline: max |diff| = "
                      f"{checks['agreement_max_abs_diff']:.3g} (max |latent| "
                      f"{checks['agreement_max_abs_latent']:.3g}){why}")
     print("\n".join(lines))
@@ -435,10 +451,12 @@ def main(args):
     rows = [{"group": group, "row": kind, "unit": "pair", "baseline": kind == "baseline", "flops_by_role": flops[kind],
              "tflop": flops[kind]["total"] / 1e12, "precision": "fp32 master + bf16 autocast" if bf16 else "fp32"}
             for group in ("train", "train+gc") for kind in LOSSES]
+    if args.compile:
+        rows[0]["row"] = "ours (compiled)"
     pipe_name = f"diffusers {'AnimateDiff' if family.name == 'animatediff' else 'TextToVideoSD'}Pipeline"
     rows += [{"group": "sample", "row": name, "unit": "video", "baseline": name == pipe_name, "steps": steps,
               "tflop": flops["sample"] / 1e12, "precision": "bf16" if bf16 else "fp32"}
-             for name in ("ours (models.sample)", pipe_name)]
+             for name in ("ours (models.sample" + (", compiled)" if args.compile else ")"), pipe_name)]
     rows.append({"group": "decode", "row": "VAE decode (models.decode)", "unit": "video", "baseline": False,
                  "tflop": flops["decode"] / 1e12, "precision": "bf16" if bf16 else "fp32"})
     checks = {}

@@ -54,6 +54,15 @@ def test_bf16_sampling_is_close_to_float32(vc2_dir):
     for name in ("bf16", "fp32 weights, autocast"):
         err = (out[name] - out["fp32"]).abs().mean() / scale
         assert 0 < err < 0.05, (name, err)
+    # bf16 weights run natively, as diffusers' pipelines run them: autocast is off for them (the same videos
+    # with and without the flag), on for float32 weights; a bf16 UNet takes float32 inputs (cast to its dtype)
+    with models.autocast("cpu", True, t16.unet):
+        assert not torch.is_autocast_enabled("cpu")
+    with models.autocast("cpu", True, t32.unet):
+        assert torch.is_autocast_enabled("cpu")
+    cond, uncond = models.encode_prompts(t16, ["a red square"]), models.encode_prompts(t16, [""])
+    native = models.sample(fam, t16.unet, t16.scheduler, cond, uncond, [3], shape, 3, 6.0, bf16=False)
+    assert torch.equal(native, out["bf16"])
 
 
 def test_redpo_bf16_trains_float32_master_weights(vc2_dir, pruned, pairs, tmp_path):
