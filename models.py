@@ -505,10 +505,10 @@ def autocast(device, enabled, unet=None):
 
     Given the `unet` it is for, only when its weights are float32 (a trained student): bf16 weights then run
     natively, as diffusers' pipelines run them, since autocast would take their group norms and softmaxes to
-    float32 and back (sampling 15 % slower on an H200: benchmarks/RESULTS.md). redpo's train_step keeps
-    autocast for every model: there the DPO term multiplies the student-reference error gap by beta / 2, so
-    the reference must follow the student's numerics (a native bf16 reference moved the step-1 loss of a
-    student equal to it from log 2 = 0.693 to 0.525 at VC2's beta)."""
+    float32 and back (sampling 15 % slower on an H200: benchmarks/RESULTS.md). Where a float32 student is
+    compared with a bf16 model, both keep autocast (no `unet`): redpo's train_step, whose DPO term multiplies
+    the student-reference error gap by beta / 2 (a native bf16 reference moved the step-1 loss of a student
+    equal to it from log 2 = 0.693 to 0.525 at VC2's beta), and prune.py's distillation-error probes."""
     if unet is not None and next(unet.parameters()).dtype != torch.float32:
         enabled = False
     return torch.autocast(str(device).split(":")[0], dtype=torch.bfloat16, enabled=enabled)

@@ -121,8 +121,10 @@ def spearman(a, b):
 
 @torch.no_grad()
 def predictions(family, unet, cond, x_t, t, bf16=False):
-    """eps of `unet` on probe inputs x_t (N, C, F, h, w) at each timestep of t (K,): (K, N, C, F, h, w)."""
-    with models.autocast(x_t.device, bf16, unet):
+    """eps of `unet` on probe inputs x_t (N, C, F, h, w) at each timestep of t (K,): (K, N, C, F, h, w).
+    Autocast for the bf16 teacher too (not models.autocast's native bf16): the float32 student's error is
+    measured against it, so the two follow the same numerics."""
+    with models.autocast(x_t.device, bf16):
         return torch.stack([models.predict_noise(family, unet, x_t, torch.full((x_t.shape[0],), tk, device=x_t.device),
                                                  cond).float() for tk in t.tolist()])
 
