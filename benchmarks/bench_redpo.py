@@ -8,11 +8,14 @@ architecture at 32x32x8), or --tiny configs like tests/tiny.py's (CPU, under a m
           diffusers' Diffusion-DPO example: the policy on [w; l] under autocast, the reference forward apart under
           no_grad, the SFT target from another teacher forward on the winners, torch's default AdamW, the same
           loss (redpo.redpo_loss). Both with and without gradient checkpointing (train+gc); one pair a step.
-  sample: models.sample (our DDIM loop as shipped: fp32 on CPU, bf16 weights + autocast on CUDA) vs diffusers'
+  sample: models.sample (our DDIM loop as shipped: fp32 on CPU, native bf16 weights on CUDA) vs diffusers'
           TextToVideoSDPipeline / AnimateDiffPipeline with the same UNet, DDIM settings and prompt embeddings,
           latents out; the VAE decode (models.decode) timed as its own row.
   checks: the step-1 losses (student == teacher == reference, so log 2) of ours and the baseline on identical
-          inputs; a 2-step eta-0 run of ours (x0 rescaling off) vs the pipeline from the same noise.
+          inputs; a 2-step eta-0 run of ours (x0 rescaling off) vs the pipeline from the same noise, both on
+          a float32 copy of the UNet.
+--compile: the 'ours' train and sample rows with torch.compile'd UNets (not yet measured on a GPU: the vc2 run
+          did not finish within 220 s, benchmarks/RESULTS.md).
 FLOPs are counted once, on the meta device, with FlopCounterMode (attention in its math form; model FLOPs: the
 recompute of gradient checkpointing is not counted). MFU = counted FLOPs / median time / --peak-tflops.
 Prints a markdown table (for benchmarks/RESULTS.md); --out also writes everything as JSON.
