@@ -174,7 +174,7 @@ def efficiency(teacher, unet, cond, uncond, seed, settings, repeats, device):
                              device, warmup=0)
     return {"flops": {"unet_forward": int(counter.get_total_flops()), "latent_shape": [1, *shape]},
             "latency": {"unet_forward_s": unet_s, "video_s": video_s, "repeats": repeats,
-                        "precision": settings["precision"]},  # bf16 weights + autocast, or float32
+                        "precision": settings["precision"]},  # bf16 weights (run natively), or float32
             "memory": peak_memory(device)}
 
 
