@@ -101,6 +101,9 @@ def get_parser():
     p.add_argument("--score", default="targets", choices=["targets", "avg"],
                    help="filter: S = the mean over the targets or over all four dimensions")
     p.add_argument("--tau", type=float, default=0.0, help="filter: the floor tau_p in S(w) > S(l) > tau_p")
+    p.add_argument("--guard", type=float, default=None, metavar="M",
+                   help="filter: also drop a pair whose winner scores more than M below its loser on any of the "
+                        "four dimensions, targets or not (default: off; the toy loop uses 0.02: toy/RESULTS.md)")
     p.add_argument("--keep-all", action="store_true",
                    help="filter, ablation: score and annotate every pair but drop none (reasons still counted)")
     p.add_argument("--batch-size", type=int, default=8, help="videos per scorer call / prompts per LLM forward")
@@ -114,12 +117,20 @@ def targets_from_scores(teacher_means, student_means, margin=0.0):
     return [d for d in DIMS if teacher_means[d] - student_means[d] > margin]
 
 
-def keep_pair(s_win, s_lose, tau):
-    """Section 5.4: keep iff S(v_w) > S(v_l) > tau_p. Returns (kept, reason); the winner is checked first."""
+REASONS = ("kept", "winner_not_better", "loser_below_tau", "winner_worse_on_a_dim")
+
+
+def keep_pair(s_win, s_lose, tau, scores=None, guard=None):
+    """Section 5.4: keep iff S(v_w) > S(v_l) > tau_p. Returns (kept, reason); the winner is checked first.
+    **Choice** (--guard M, off by default): also drop the pair when the winner is more than M below the loser
+    on any one dimension, `scores` = {"winner": {dim: r}, "loser": {...}}. S averages the targets only, so
+    without it a winner that moves less (say) than its loser still teaches the student to move less."""
     if not s_win > s_lose:
         return False, "winner_not_better"
     if not s_lose > tau:
         return False, "loser_below_tau"
+    if guard is not None and any(scores["winner"][d] < scores["loser"][d] - guard for d in DIMS):
+        return False, "winner_worse_on_a_dim"
     return True, "kept"
 
 
@@ -456,24 +467,27 @@ def filter_job(args):
     out, decisions = [], []
     for row, s in zip(rows, scores):
         S = {side: rewards.mean_score(s[side], dims) for side in ("winner", "loser")}  # S(v) over `dims`
-        kept, reason = keep_pair(S["winner"], S["loser"], args.tau)  # S(v_w) > S(v_l) > tau_p
+        kept, reason = keep_pair(S["winner"], S["loser"], args.tau, s, args.guard)  # S(v_w) > S(v_l) > tau_p
         decisions.append({"id": row["id"], "reason": reason, "S": S})
         if kept or args.keep_all:
             out.append({**relocate(row, src, dst), "scores": s, "S": S, "targets": targets})
-    reasons = {r: sum(x["reason"] == r for x in decisions) for r in ("kept", "winner_not_better", "loser_below_tau")}
+    reasons = {r: sum(x["reason"] == r for x in decisions) for r in REASONS}
     models.write_jsonl(args.out, out)
     kept_rows = [s for s, x in zip(scores, decisions) if x["reason"] == "kept"]
     models.write_json(summary_path, {
         "args": vars(args), "scorer": {"name": args.scorer, "fingerprint": fingerprint}, "score_cache": cache_path,
         "targets": targets, "targets_from": source, "score": args.score, "score_dims": dims, "tau": args.tau,
+        "guard": args.guard,
         "counts": {"in": len(rows), **reasons}, "videos": counts,
         "means": {group: {side: rewards.aggregate([s[side] for s in part]) for side in ("winner", "loser")}
                   for group, part in (("all", scores), ("kept", kept_rows))},
         "pairs": decisions})
     print(f"filter_pairs filter: kept {reasons['kept']}/{len(rows)} pairs (winner_not_better "
-          f"{reasons['winner_not_better']}, loser_below_tau {reasons['loser_below_tau']}); "
+          f"{reasons['winner_not_better']}, loser_below_tau {reasons['loser_below_tau']}, "
+          f"winner_worse_on_a_dim {reasons['winner_worse_on_a_dim']}); "
           f"targets {', '.join(targets)}; "
-          f"S = mean over {'the targets' if args.score == 'targets' else 'all four'}, tau {args.tau}; "
+          f"S = mean over {'the targets' if args.score == 'targets' else 'all four'}, tau {args.tau}, "
+          f"guard {'off' if args.guard is None else args.guard}; "
           f"videos scored {counts['scored']}, cached {counts['cached']}; "
           f"{f'--keep-all: wrote all {len(out)} to ' if args.keep_all else 'wrote '}{args.out}")
     if not out:
@@ -484,6 +498,8 @@ def filter_job(args):
 def main(args):
     if args.batch_size < 1:
         raise models.UserError(f"--batch-size must be >= 1 (got {args.batch_size})")
+    if args.guard is not None and not args.guard >= 0:
+        raise models.UserError(f"--guard must be >= 0 (got {args.guard})")
     return curate(args) if args.job == "curate" else filter_job(args)
 
 
