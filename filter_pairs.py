@@ -103,7 +103,7 @@ def get_parser():
     p.add_argument("--tau", type=float, default=0.0, help="filter: the floor tau_p in S(w) > S(l) > tau_p")
     p.add_argument("--guard", type=float, default=None, metavar="M",
                    help="filter: also drop a pair whose winner scores more than M below its loser on any of the "
-                        "four dimensions, targets or not (default: off; the toy loop uses 0.02: toy/RESULTS.md)")
+                        "four dimensions, targets or not (default: off; on the toy it did not help: toy/RESULTS.md)")
     p.add_argument("--keep-all", action="store_true",
                    help="filter, ablation: score and annotate every pair but drop none (reasons still counted)")
     p.add_argument("--batch-size", type=int, default=8, help="videos per scorer call / prompts per LLM forward")

@@ -127,6 +127,10 @@ def get_parser():
     p.add_argument("--scorer-path", default="",
                    help="scorer weights (videoscore: a folder, default ckpt/VideoScore; clip: ARCH:FILE or a folder)")
     p.add_argument("--tau", type=float, default=0.0, help="pair filter floor tau_p: keep S(w) > S(l) > tau")
+    p.add_argument("--guard", type=float, default=None, metavar="M",
+                   help="pair filter: also drop a pair whose winner is more than M below its loser on any dimension "
+                        "(filter_pairs.py --guard; default off: on the toy's validation prompts it did not help, "
+                        "toy/RESULTS.md)")
     p.add_argument("--no-filter", action="store_true", help="ablation: train on every pair (scored, none dropped)")
     models.add_sampling_args(p)
     p.add_argument("--probe-steps", type=int, default=0, help="DDIM steps of pruning's probe videos (0 = --steps)")
@@ -333,6 +337,8 @@ def loop(args, lock):
         if getattr(args, flag) < 0:
             raise models.UserError(f"--{flag.replace('_', '-')} must be >= 0 (0 = the default), got {getattr(args, flag)}")
     per_prompt = args.samples_per_prompt or family.pairs_per_prompt
+    if args.guard is not None and not args.guard >= 0:
+        raise models.UserError(f"--guard must be >= 0 (got {args.guard})")
     eval_samples = args.eval_samples or family.eval_samples
     # Defaults: the toy's shipped teacher, prompts and judge; for vc2 / animatediff the paper's reward
     # (VideoScore), tools/make_prompts.py's files and the conventional folders under ./ckpt.
@@ -455,7 +461,8 @@ def loop(args, lock):
         run("filter pairs", kept,
             ["filter_pairs.py", "--job", "filter", "--pairs", pairs, "--report", report, "--out", kept, *scorer,
              "--score-cache", os.path.join(work, "score_cache.jsonl"), *(["--keep-all"] if args.no_filter else []),
-             "--tau", args.tau, "--device", args.device], log("filter"), nproc=args.nproc)
+             "--tau", args.tau, *(["--guard", args.guard] if args.guard is not None else []), "--device", args.device],
+            log("filter"), nproc=args.nproc)
         if not os.path.exists(student):
             nothing = count_lines(kept) == 0  # nothing to learn from: the round keeps the pruned student
             if nothing and args.node_rank:

@@ -50,6 +50,16 @@ def test_keep_pair_rule(s_win, s_lose, tau, expected):
     assert fp.keep_pair(s_win, s_lose, tau) == expected
 
 
+def test_keep_pair_guard_checks_every_dimension_after_S():
+    win, lose = dims(0.9, 0.9, 0.50, 0.9), dims(0.5, 0.5, 0.53, 0.5)  # S says win; DD is 0.03 below the loser's
+    scores = {"winner": win, "loser": lose}
+    assert fp.keep_pair(0.9, 0.5, 0.0, scores, None) == (True, "kept")  # off by default
+    assert fp.keep_pair(0.9, 0.5, 0.0, scores, 0.02) == (False, "winner_worse_on_a_dim")
+    assert fp.keep_pair(0.9, 0.5, 0.0, scores, 0.05) == (True, "kept")
+    assert fp.keep_pair(0.9, 0.5, 0.0, {"winner": lose, "loser": lose}, 0.0) == (True, "kept")  # ties pass
+    assert fp.keep_pair(0.4, 0.5, 0.0, scores, 0.02) == (False, "winner_not_better")  # S is checked first
+
+
 def test_targets_from_scores():
     teacher = dims(1.0, 1.0, 1.0, 1.0)
     student = dims(1.0, 0.9, 1.1, 0.95)
@@ -275,9 +285,11 @@ def test_filter_rule_reasons_and_output_schema(hand_pairs, tmp_path, capsys):
 
     rows, summary = filtered("--targets", "text_alignment")  # default --score targets, --tau 0
     assert [r["id"] for r in rows] == ["000000", "000003"]
-    assert summary["counts"] == {"in": 4, "kept": 2, "winner_not_better": 1, "loser_below_tau": 1}
+    assert summary["counts"] == {"in": 4, "kept": 2, "winner_not_better": 1, "loser_below_tau": 1,
+                                 "winner_worse_on_a_dim": 0}
     assert summary["videos"] == {"unique": 8, "scored": 0, "cached": 8} and cache.read_bytes() == before
-    assert "kept 2/4 pairs (winner_not_better 1, loser_below_tau 1)" in capsys.readouterr().out
+    assert "kept 2/4 pairs (winner_not_better 1, loser_below_tau 1, winner_worse_on_a_dim 0)" in \
+        capsys.readouterr().out
     inp = models.read_jsonl(str(pairs))
     for r in rows:
         i = int(r["id"])
@@ -291,7 +303,7 @@ def test_filter_rule_reasons_and_output_schema(hand_pairs, tmp_path, capsys):
             assert r[side]["latents"] == os.path.relpath(pairs.parent / inp[i][side]["latents"], out.parent)
         assert r["text_emb"] == f"../pairs/{inp[i]['text_emb']}"
     assert summary["targets"] == [TA] and summary["score"] == "targets" and summary["score_dims"] == [TA]
-    assert summary["tau"] == 0.0 and summary["scorer"]["name"] == "toy" and summary["args"]["job"] == "filter"
+    assert summary["tau"] == 0.0 and summary["guard"] is None and summary["scorer"]["name"] == "toy" and summary["args"]["job"] == "filter"
     assert summary["means"]["all"]["winner"][VQ]["mean"] == pytest.approx(np.mean([w[VQ] for w, _ in HAND]))
     assert summary["means"]["kept"]["loser"][TA]["n"] == 2
     assert [p["reason"] for p in summary["pairs"]] == ["kept", "winner_not_better", "loser_below_tau", "kept"]
@@ -302,7 +314,19 @@ def test_filter_rule_reasons_and_output_schema(hand_pairs, tmp_path, capsys):
     assert summary["pairs"][3]["S"] == {"winner": pytest.approx(0.375), "loser": pytest.approx(0.525)}
 
     rows, summary = filtered("--targets", "all", "--tau", "0.45")
-    assert summary["counts"] == {"in": 4, "kept": 1, "winner_not_better": 2, "loser_below_tau": 1}
+    assert summary["counts"] == {"in": 4, "kept": 1, "winner_not_better": 2, "loser_below_tau": 1,
+                                 "winner_worse_on_a_dim": 0}
+
+    # --guard: pair 3 wins on TA (its S) but its winner is 0.4 below its loser on VQ, TC and DD
+    rows, summary = filtered("--targets", "text_alignment", "--guard", "0.02")
+    assert [r["id"] for r in rows] == ["000000"] and summary["guard"] == 0.02
+    assert summary["counts"] == {"in": 4, "kept": 1, "winner_not_better": 1, "loser_below_tau": 1,
+                                 "winner_worse_on_a_dim": 1}
+    assert summary["pairs"][3]["reason"] == "winner_worse_on_a_dim"
+    rows, summary = filtered("--targets", "text_alignment", "--guard", "0.45")  # 0.2 < 0.6 - 0.45 is false: kept
+    assert [r["id"] for r in rows] == ["000000", "000003"]
+    with pytest.raises(models.UserError, match="--guard must be >= 0"):
+        filtered("--guard", "-0.1")
 
     rows, summary = filtered()  # no --targets/--report: the pairs' own verdict (losers below winners)
     w_means = {d: np.mean([w[d] for w, _ in HAND]) for d in DIMS}
@@ -312,7 +336,7 @@ def test_filter_rule_reasons_and_output_schema(hand_pairs, tmp_path, capsys):
 
     rows, summary = filtered("--targets", "all", "--tau", "5")  # nothing passes: an empty file and a warning
     assert rows == [] and out.read_text() == "" and summary["counts"] == {"in": 4, "kept": 0, "winner_not_better": 2,
-                                                                          "loser_below_tau": 2}
+                                                                          "loser_below_tau": 2, "winner_worse_on_a_dim": 0}
     assert "warning: no pair kept" in capsys.readouterr().err
 
     rows, summary = filtered("--targets", "all", "--tau", "5", "--keep-all")  # ablation: the same verdicts, none dropped

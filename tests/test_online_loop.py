@@ -134,7 +134,7 @@ def test_missing_prompt_file_is_a_one_line_error(tmp_path):  # real families' fo
 
 
 def test_negative_budget_flags_are_refused(tmp_path):
-    for flag in ("--max-pair-prompts", "--samples-per-prompt", "--train-steps", "--eval-samples"):
+    for flag in ("--max-pair-prompts", "--samples-per-prompt", "--train-steps", "--eval-samples", "--guard"):
         args = online_loop.get_parser().parse_args([flag, "-1", "--work-dir", str(tmp_path / "w")])
         with pytest.raises(models.UserError, match=f"{flag} must be >= 0"):
             online_loop.main(args)
@@ -149,7 +149,7 @@ def test_the_embedded_toy_loop_with_reduced_settings(tmp_path):
     evalp.write_text("\n".join(world.eval_prompts()[:3]) + "\n")
     out = run("online_loop.py", "--work-dir", tmp_path / "work", "--eval-prompts", evalp, "--train-steps", "2",
               "--steps", "4", "--probe-steps", "2", "--num-probe", "2", "--probe-seeds", "1", "--max-pair-prompts", "4",
-              "--eval-samples", "1", "--no-filter").stdout
+              "--eval-samples", "1", "--no-filter", "--guard", "0.05").stdout
     assert "V.I.P. finished" in out and "| round-2 | student |" in out
     rows = models.read_json(str(tmp_path / "work" / "results.json"))["rows"]
     assert [r["model"] for r in rows] == ["teacher", "pruned", "student", "pruned", "student"]
@@ -158,3 +158,5 @@ def test_the_embedded_toy_loop_with_reduced_settings(tmp_path):
     assert rows[2]["pairs_made"] == 8  # the toy's default: 2 pairs a curated prompt, each from its own seed
     trained = json.loads(models.read_student_meta(str(tmp_path / "work" / "round-1" / "student.safetensors"))["args"])
     assert trained["sft_cfg"] == models.get_family("toy").sft_cfg == 6.0  # the toy's guided SFT reaches redpo
+    summary = models.read_json(str(tmp_path / "work" / "round-1" / "pairs" / "filtered.json"))
+    assert summary["guard"] == 0.05 and "winner_worse_on_a_dim" in summary["counts"]  # --guard reaches the filter
