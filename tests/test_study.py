@@ -1,8 +1,10 @@
 """toy/study.py and toy/sweep.py: the interval math on hand-made numbers, the paired differences."""
 import math
 
+import numpy as np
 import pytest
 
+import models
 from toy import study
 
 
@@ -71,13 +73,27 @@ def test_loop_gains_pairs_each_round_student_with_its_own_pruned_start(tmp_path)
                      {"round": f"round-{k + 1}", "model": "student", "average": starts[seed][k] + gains[seed][k]}]
         write_json(str(tmp_path / f"s{seed}" / "results.json"), {"args": {"seed": seed}, "rows": rows})
         dirs.append(str(tmp_path / f"s{seed}"))
+    # round 1 of every seed has its eval report: 4 videos a model, per-video gains +0.1, -0.1, +0.1, +0.1
+    per_video = (0.1, -0.1, 0.1, 0.1)
+    for seed in starts:
+        videos = {"pruned": [{"prompt": "p", "sample": i, **dict.fromkeys(models.DIMS, 0.5)} for i in range(4)],
+                  "student": [{"prompt": "p", "sample": i, **dict.fromkeys(models.DIMS, 0.5 + g)}
+                              for i, g in reversed(list(enumerate(per_video)))]}  # matched by (prompt, sample)
+        write_json(str(tmp_path / f"s{seed}" / "round-1" / "eval" / "report.json"),
+                   {"models": [{"label": k, "videos": v} for k, v in videos.items()]})
+    se = np.std(per_video, ddof=1) / 2  # the same for every seed, so also their root mean square
+    assert study.eval_noise(str(tmp_path / "s0" / "round-1" / "eval" / "report.json")) == pytest.approx(se)
+    assert study.eval_noise(str(tmp_path / "s0" / "round-2" / "eval" / "report.json")) is None
     lines = study.loop_gains(dirs).splitlines()
-    assert lines[0].endswith("| seed 0 | seed 1 | seed 2 |") and len(lines) == 4  # header, rule, two rounds
+    assert lines[0].endswith("| seed 0 | seed 1 | seed 2 | eval se of a seed's gain / sd over seeds |")
+    assert len(lines) == 4  # header, rule, two rounds
     for line, k in zip(lines[2:], (0, 1)):
         cells = [c.strip() for c in line.strip("|").split("|")]
         mean, half = study.t_interval([gains[s][k] for s in starts])
         assert cells[0] == f"round-{k + 1}" and cells[3] == study.fmt(mean, half, sign=True)
-        assert cells[4:] == [f"{gains[s][k]:+.3f}" for s in starts]
+        assert cells[4:7] == [f"{gains[s][k]:+.3f}" for s in starts]
+        sd = np.std([gains[s][k] for s in starts], ddof=1)
+        assert cells[7] == (f"{se:.3f} / {sd:.3f}" if k == 0 else "-")  # round 2 has no eval videos here
     assert cells[3].startswith("+0.040")  # round 2: (0.05 + 0.03 + 0.04) / 3
     with pytest.raises(UserError, match="results.json: no such file"):
         study.loop_gains(dirs + [str(tmp_path / "unfinished")])

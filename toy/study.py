@@ -257,9 +257,27 @@ def judge_parts(args):
     return "\n".join(lines)
 
 
+def eval_noise(report_path):
+    """Standard error of one seed's gain student - pruned that comes from its eval videos alone: the gain is a
+    mean over (prompt, sample) of per-video differences (the same initial noise for both models), so its se is
+    their sd / sqrt(n). None when the report or a model is missing."""
+    if not os.path.exists(report_path):
+        return None
+    videos = {m["label"]: m.get("videos") for m in models.read_json(report_path)["models"]}
+    if not videos.get("pruned") or not videos.get("student"):
+        return None
+    avg = lambda v: sum(v[d] for d in models.DIMS) / len(models.DIMS)
+    key = lambda v: (v["prompt"], v["sample"])
+    pruned = {key(v): avg(v) for v in videos["pruned"]}
+    diffs = [avg(v) - pruned[key(v)] for v in videos["student"] if key(v) in pruned]
+    return float(np.std(diffs, ddof=1) / len(diffs) ** 0.5) if len(diffs) > 1 else None
+
+
 def loop_gains(dirs):
     """Markdown table of finished online_loop.py runs (one seed a dir, their results.json): per round the
-    pruned start's and the trained student's average, and the paired gain student - pruned."""
+    pruned start's and the trained student's average, the paired gain student - pruned, and how much of the
+    gain's spread over seeds is measurement: the eval videos' standard error of a seed's gain (root mean
+    square over seeds) against the sd of the gains over seeds."""
     runs = []
     for d in dirs:
         path = os.path.join(d, "results.json")
@@ -269,14 +287,20 @@ def loop_gains(dirs):
         runs.append((result["args"]["seed"], {(r["round"], r["model"]): r["average"] for r in result["rows"]}))
     rounds = sorted({rnd for _, rows in runs for rnd, model in rows if model == "student"})
     lines = ["| round | pruned start | trained student | gain (student - pruned) ± 95 % | " +
-             " | ".join(f"seed {seed}" for seed, _ in runs) + " |", "|---|---|---|---|" + "---|" * len(runs)]
+             " | ".join(f"seed {seed}" for seed, _ in runs) + " | eval se of a seed's gain / sd over seeds |",
+             "|---|---|---|---|" + "---|" * (len(runs) + 1)]
     for rnd in rounds:
         pruned = {k: rows.get((rnd, "pruned")) for k, (_, rows) in enumerate(runs)}  # by run: seeds may repeat
         student = {k: rows.get((rnd, "student")) for k, (_, rows) in enumerate(runs)}
         gains = {s: student[s] - pruned[s] if None not in (student[s], pruned[s]) else None for s in student}
         mean, half = t_interval(gains.values())  # paired per run; a run missing either score is left out
+        ses = [eval_noise(os.path.join(d, rnd, "eval", "report.json")) for d in dirs]
+        ses, known = [x for x in ses if x is not None], [g for g in gains.values() if g is not None]
+        noise = (f"{np.sqrt(np.mean(np.square(ses))):.3f} / {np.std(known, ddof=1):.3f}"
+                 if ses and len(known) > 1 else "-")
         lines.append(f"| {rnd} | {fmt(*t_interval(pruned.values()))} | {fmt(*t_interval(student.values()))} | "
-                     f"{fmt(mean, half, sign=True)} | " + " | ".join(fmt(gains[k], None, sign=True) for k in gains) + " |")
+                     f"{fmt(mean, half, sign=True)} | " + " | ".join(fmt(gains[k], None, sign=True) for k in gains) +
+                     f" | {noise} |")
     return "\n".join(lines)
 
 
