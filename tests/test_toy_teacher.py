@@ -37,7 +37,8 @@ def tiny_teacher(tmp_path_factory):
 
 def test_help_names_every_flag():
     text = tt.build_parser().format_help()
-    for flag in ("--out", "--minutes", "--steps", "--seed", "--threads", "--eval", "--eval-seeds", "--eval-steps"):
+    for flag in ("--out", "--minutes", "--steps", "--seed", "--threads", "--eval", "--eval-seeds", "--eval-steps",
+                 "--init-from"):
         assert flag in text
 
 
@@ -62,6 +63,24 @@ def test_tiny_training_saves_a_loadable_fp16_teacher(tiny_teacher):
     # the text encoder used in training is the one stored: its weights are exact fp16 values
     for p in t.text_encoder.parameters():
         assert torch.equal(p, p.half().float())
+
+
+def test_init_from_continues_a_teacher(tiny_teacher, tmp_path):
+    family = models.get_family("toy")
+    out = str(tmp_path / "more")
+    run(["--init-from", tiny_teacher, "--out", out, "--steps", "2", "--clips", "4", "--batch", "2", "--lr", "1e-3",
+         "--seed", "2", "--device", "cpu"])
+    a, b = models.load_teacher(family, tiny_teacher), models.load_teacher(family, out)
+    for part in ("vae", "text_encoder"):  # kept as they were (no VAE phase, the same frozen text encoder)
+        assert all(torch.equal(p, q) for p, q in zip(getattr(a, part).parameters(), getattr(b, part).parameters()))
+    assert b.vae.config.scaling_factor == a.vae.config.scaling_factor
+    moved = [n for (n, p), q in zip(a.unet.named_parameters(), b.unet.parameters()) if not torch.equal(p, q)]
+    assert moved  # the UNet (its EMA) went on training from the start
+    info = models.read_json(os.path.join(out, "training.json"))
+    assert info["init_from"]["fingerprint"] == a.fingerprint and info["init_from"]["steps"] == 3
+    assert info["vae_steps"] == 0 and info["steps"] == 2
+    with pytest.raises(models.UserError, match="is --out"):
+        run(["--init-from", out, "--out", out, "--steps", "1"])
 
 
 def test_eval_mode_writes_both_rows(tiny_teacher, capsys):

@@ -17,6 +17,8 @@ toy judge's four dimensions and color/shape/direction/speed accuracies.
     python toy/train_teacher.py --eval --threads 1         # judge it against an untrained UNet
     python toy/train_teacher.py --out runs/toy-smoke --steps 5 --vae-steps 2 --clips 16   # smoke test, seconds
     python toy/train_teacher.py --device cuda --minutes 10 # on a GPU (not the shipped recipe)
+    python toy/train_teacher.py --init-from toy/teacher --out runs/teacher-more --minutes 60 --threads 1 --seed 1
+                                                           # continue training a teacher (fresh clips with --seed 1)
 
 On a CPU that other jobs share, one thread is faster than two (measured: 1.0 vs 1.8 s per UNet step).
 """
@@ -67,6 +69,8 @@ def build_parser():
     p.add_argument("--out", default=os.path.join("toy", "teacher"), help="teacher folder to write (or to judge with --eval)")
     p.add_argument("--minutes", type=float, default=55.0, help="wall-clock budget of the UNet phase in minutes")
     p.add_argument("--steps", type=int, default=0, help="stop the UNet phase after this many steps (0: only --minutes)")
+    p.add_argument("--init-from", default="", metavar="FOLDER",
+                   help="continue from a teacher folder: its VAE, text encoder and UNet (as the EMA too); no VAE phase")
     p.add_argument("--vae-steps", type=int, default=800, help="VAE training steps (64 frames each)")
     p.add_argument("--clips", type=int, default=4096, help="clips rendered and pre-encoded for the UNet phase")
     p.add_argument("--batch", type=int, default=16, help="UNet batch size (clips)")
@@ -202,17 +206,24 @@ def train(args, device):
     frames = to_pixels(clips)  # (N*F, 3, H, W)
     print(f"rendered {len(clips)} clips of {len(set(prompts))} train prompts in {time.time() - t_start:.0f}s")
 
-    # 1. VAE
+    # 1. VAE (trained, or the --init-from teacher's, keeping its scaling factor)
     t0 = time.time()
-    vae, psnr = train_vae(args, frames, device)
-    mean, std = encode_clips(vae, frames, len(clips), world.FRAMES, device)
-    scaling = 1.0 / mean.std().item()
-    vae.register_to_config(scaling_factor=scaling)
+    start = models.load_teacher(family, args.init_from, device=device, dtype=torch.float32) if args.init_from else None
+    if start:
+        vae, vae_psnr = start.vae, psnr(start.vae, frames[-256:].to(device))
+        mean, std = encode_clips(vae, frames, len(clips), world.FRAMES, device)
+        scaling = vae.config.scaling_factor
+    else:
+        vae, vae_psnr = train_vae(args, frames, device)
+        mean, std = encode_clips(vae, frames, len(clips), world.FRAMES, device)
+        scaling = 1.0 / mean.std().item()
+        vae.register_to_config(scaling_factor=scaling)
     vae_min = (time.time() - t0) / 60
-    print(f"vae: {args.vae_steps} steps, PSNR {psnr:.1f} dB, latent std {1 / scaling:.3f}, {vae_min:.1f} min")
+    print(f"vae: {'from ' + args.init_from if start else f'{args.vae_steps} steps'}, PSNR {vae_psnr:.1f} dB, "
+          f"latent std {1 / scaling:.3f}, {vae_min:.1f} min")
 
     # 2. text: one embedding per train prompt, plus the empty prompt at index 0
-    text_encoder, tokenizer = build_text(args.seed)
+    text_encoder, tokenizer = (start.text_encoder, start.tokenizer) if start else build_text(args.seed)
     names = [""] + sorted(set(prompts))
     text = types.SimpleNamespace(family=family, tokenizer=tokenizer, text_encoder=text_encoder)  # as a Teacher
     emb_table = models.encode_prompts(text, names)  # (1 + prompts, L, D)
@@ -220,15 +231,20 @@ def train(args, device):
 
     # 3. UNet
     scheduler = DDIMScheduler(**VC2_SCHEDULER)
-    unet = UNet3DConditionModel(**UNET_CONFIG).to(device).train()
+    unet = (start.unet.requires_grad_(True) if start else UNet3DConditionModel(**UNET_CONFIG)).to(device).train()
     ema = copy.deepcopy(unet).eval().requires_grad_(False)
     opt = torch.optim.AdamW(unet.parameters(), lr=args.lr)
     n_params = sum(p.numel() for p in unet.parameters())
     print(f"unet: {n_params / 1e6:.2f} M parameters; budget {args.minutes:g} min" + (f", {args.steps} steps" if args.steps else ""))
     g = torch.Generator().manual_seed(args.seed + 3)
     info = dict(command="python toy/train_teacher.py " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("train_teacher.py") else "",
-                args={**vars(args), "out": portable(args.out)}, clips=len(clips), train_prompts=len(names) - 1,
-                vae_steps=args.vae_steps, vae_psnr_db=round(psnr, 2), vae_minutes=round(vae_min, 2),
+                args={**vars(args), "out": portable(args.out), "init_from": portable(args.init_from) if start else ""},
+                clips=len(clips), train_prompts=len(names) - 1,
+                init_from=dict(path=portable(args.init_from), fingerprint=start.fingerprint,
+                               steps=models.read_json(os.path.join(args.init_from, "training.json")).get("steps")
+                               if os.path.exists(os.path.join(args.init_from, "training.json")) else None)
+                if start else None,
+                vae_steps=0 if start else args.vae_steps, vae_psnr_db=round(vae_psnr, 2), vae_minutes=round(vae_min, 2),
                 latent_std=round(1 / scaling, 4), unet_params=n_params, versions=dict(
                     torch=torch.__version__.split("+")[0], diffusers=__import__("diffusers").__version__))
 
@@ -326,6 +342,8 @@ def main(args):
         return evaluate(args, device)
     if args.clips < 2 or args.batch < 1 or args.vae_steps < 1:
         raise models.UserError("--clips must be >= 2, --batch and --vae-steps >= 1")
+    if args.init_from and os.path.abspath(args.init_from) == os.path.abspath(args.out):
+        raise models.UserError(f"--init-from {args.init_from} is --out: write the continued teacher elsewhere")
     return train(args, device)
 
 
