@@ -303,7 +303,8 @@ def test_filter_rule_reasons_and_output_schema(hand_pairs, tmp_path, capsys):
             assert r[side]["latents"] == os.path.relpath(pairs.parent / inp[i][side]["latents"], out.parent)
         assert r["text_emb"] == f"../pairs/{inp[i]['text_emb']}"
     assert summary["targets"] == [TA] and summary["score"] == "targets" and summary["score_dims"] == [TA]
-    assert summary["tau"] == 0.0 and summary["guard"] is None and summary["scorer"]["name"] == "toy" and summary["args"]["job"] == "filter"
+    assert summary["tau"] == 0.0 and summary["guard"] is None
+    assert summary["scorer"]["name"] == "toy" and summary["args"]["job"] == "filter"
     assert summary["means"]["all"]["winner"][VQ]["mean"] == pytest.approx(np.mean([w[VQ] for w, _ in HAND]))
     assert summary["means"]["kept"]["loser"][TA]["n"] == 2
     assert [p["reason"] for p in summary["pairs"]] == ["kept", "winner_not_better", "loser_below_tau", "kept"]

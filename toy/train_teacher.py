@@ -59,6 +59,7 @@ TEXT_CONFIG = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, i
 VC2_SCHEDULER = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, steps_offset=1,
                      timestep_spacing="leading", set_alpha_to_one=False, clip_sample=False)
 SAVE_EVERY_MIN = 5.0
+HELD_OUT = 256  # the last frames, never trained on by the VAE: its PSNR
 
 
 def build_parser():
@@ -130,8 +131,8 @@ def train_vae(args, frames, device):
     vae = AutoencoderKL(**VAE_CONFIG).to(device)
     opt = torch.optim.AdamW(vae.parameters(), lr=1e-3)
     g = torch.Generator().manual_seed(args.seed + 1)
-    held_out = frames[-256:].to(device)
-    n_train = max(frames.shape[0] - 256, frames.shape[0] // 2)
+    held_out = frames[-HELD_OUT:].to(device)
+    n_train = max(frames.shape[0] - HELD_OUT, frames.shape[0] // 2)
     for step in tqdm(range(args.vae_steps), desc="vae", mininterval=5):
         for group in opt.param_groups:
             group["lr"] = 1e-3 * 0.5 * (1 + math.cos(math.pi * step / args.vae_steps))
@@ -194,6 +195,13 @@ def portable(path):
     return rel if not rel.startswith("..") else os.path.basename(os.path.abspath(path))
 
 
+def start_info(path, teacher):
+    """Provenance of an --init-from teacher: folder, fingerprint, UNet steps (None without its training.json)."""
+    log = os.path.join(path, "training.json")
+    steps = models.read_json(log).get("steps") if os.path.exists(log) else None
+    return dict(path=portable(path), fingerprint=teacher.fingerprint, steps=steps)
+
+
 def train(args, device):
     from diffusers import DDIMScheduler, UNet3DConditionModel
     from tqdm import tqdm
@@ -210,14 +218,13 @@ def train(args, device):
     t0 = time.time()
     start = models.load_teacher(family, args.init_from, device=device, dtype=torch.float32) if args.init_from else None
     if start:
-        vae, vae_psnr = start.vae, psnr(start.vae, frames[-256:].to(device))
-        mean, std = encode_clips(vae, frames, len(clips), world.FRAMES, device)
-        scaling = vae.config.scaling_factor
+        vae, vae_psnr = start.vae, psnr(start.vae, frames[-HELD_OUT:].to(device))
     else:
         vae, vae_psnr = train_vae(args, frames, device)
-        mean, std = encode_clips(vae, frames, len(clips), world.FRAMES, device)
-        scaling = 1.0 / mean.std().item()
-        vae.register_to_config(scaling_factor=scaling)
+    mean, std = encode_clips(vae, frames, len(clips), world.FRAMES, device)
+    if not start:
+        vae.register_to_config(scaling_factor=1.0 / mean.std().item())
+    scaling = vae.config.scaling_factor
     vae_min = (time.time() - t0) / 60
     print(f"vae: {'from ' + args.init_from if start else f'{args.vae_steps} steps'}, PSNR {vae_psnr:.1f} dB, "
           f"latent std {1 / scaling:.3f}, {vae_min:.1f} min")
@@ -240,10 +247,7 @@ def train(args, device):
     info = dict(command="python toy/train_teacher.py " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("train_teacher.py") else "",
                 args={**vars(args), "out": portable(args.out), "init_from": portable(args.init_from) if start else ""},
                 clips=len(clips), train_prompts=len(names) - 1,
-                init_from=dict(path=portable(args.init_from), fingerprint=start.fingerprint,
-                               steps=models.read_json(os.path.join(args.init_from, "training.json")).get("steps")
-                               if os.path.exists(os.path.join(args.init_from, "training.json")) else None)
-                if start else None,
+                init_from=start_info(args.init_from, start) if start else None,
                 vae_steps=0 if start else args.vae_steps, vae_psnr_db=round(vae_psnr, 2), vae_minutes=round(vae_min, 2),
                 latent_std=round(1 / scaling, 4), unet_params=n_params, versions=dict(
                     torch=torch.__version__.split("+")[0], diffusers=__import__("diffusers").__version__))
