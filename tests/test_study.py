@@ -99,6 +99,30 @@ def test_loop_gains_pairs_each_round_student_with_its_own_pruned_start(tmp_path)
         study.loop_gains(dirs + [str(tmp_path / "unfinished")])
 
 
+def test_a_smaller_study_reports_only_its_arms_and_their_differences(tmp_path):
+    """--leave-out: gather reads only the arms kept, pairs only what it has; a misspelt arm is a one-line error."""
+    import argparse
+
+    from models import UserError, write_json
+
+    kept = ["SFT online", "V.I.P. (ReDPO online)"]
+    avg = {0: {"teacher": 0.8, "untrained-pruned": 0.60, "sft-online": 0.62, "v-i-p-redpo-online": 0.65},
+           1: {"teacher": 0.8, "untrained-pruned": 0.58, "sft-online": 0.63, "v-i-p-redpo-online": 0.64}}
+    for seed, by in avg.items():
+        write_json(str(tmp_path / f"seed-{seed}" / "eval" / "report.json"), {"models": [
+            {"label": k, "params": {"prunable": 100}, "scores": {d: {"mean": v} for d in study.DIMS}}
+            for k, v in by.items()]})
+    args = argparse.Namespace(seeds=[0, 1], work_dir=str(tmp_path), arms=list(study.ARMS),
+                              leave_out=[n for n in study.ARMS if n not in kept])
+    table, diffs, summary = study.gather(args)
+    assert [r.split(" | ")[0].strip("| ") for r in table.splitlines()[2:]] == ["teacher", "untrained pruned", *kept]
+    assert list(summary) == ["ReDPO - SFT, online", "SFT online - untrained pruned", "V.I.P. (ReDPO online) - untrained pruned"]
+    assert summary["ReDPO - SFT, online"]["per_seed"] == pytest.approx([0.03, 0.01])
+    assert len(diffs.splitlines()) == 2 + 3
+    with pytest.raises(UserError, match="'SFT on-line' is no arm of the study"):
+        study.study_arms(argparse.Namespace(arms=list(study.ARMS), leave_out=["SFT on-line"]))
+
+
 def test_guidance_error_compares_predictions_along_the_teachers_path(tmp_path, capsys):
     """toy/guidance_error.py: the teacher's own copy is at distance 0 in every branch; a perturbed student is
     not, and its guided error is the one of eps(0) + cfg (eps(c) - eps(0)) (checked at the first step)."""

@@ -14,7 +14,8 @@ Arms (each one `online_loop.py` run with `--masks-from`, evaluated on the held-o
 Reported: means with t-based 95 % intervals over seeds, and paired per-seed differences (ReDPO - SFT,
 online - one-shot, each trained arm - the untrained pruned model), the average of the four scores, and
 what the judge sees in the eval videos (color, shape and speed correct; the measured speed). Every arm
-runs with the loop's defaults (pairs, steps, loss settings) unless --loop-args says otherwise.
+runs with the loop's defaults (pairs, steps, loss settings) unless --loop-args says otherwise; --leave-out
+makes a smaller study (those arms are neither run nor reported, nor the differences that need them).
 
     OMP_NUM_THREADS=1 python toy/study.py --seeds 0 2 4 &  OMP_NUM_THREADS=1 python toy/study.py --seeds 1 3 &
     python toy/study.py --seeds 0 1 2 3 4 --gather            # the tables, into toy/RESULTS.md's study section
@@ -73,6 +74,9 @@ def get_parser():
     p.add_argument("--masks-only", action="store_true", help="only compute the seeds' pruning masks")
     p.add_argument("--arms", nargs="*", default=list(ARMS), metavar="ARM",
                    help="run only these arms (the evaluation runs once every arm of a seed is trained)")
+    p.add_argument("--leave-out", nargs="+", default=[], metavar="ARM",
+                   help="arms this study leaves out: not trained, evaluated or reported (a smaller study; the paired "
+                        "differences that need them are left out too)")
     p.add_argument("--out", default="", help="the tables (markdown; default toy/STUDY.md, with --loops toy/LOOPS.md)")
     p.add_argument("--loop-args", default="", help="extra online_loop.py flags for every arm, one quoted string")
     p.add_argument("--ratios", type=float, nargs=2, default=[0.8, 0.6], help="kept after round 1 and round 2")
@@ -158,6 +162,16 @@ def share(src, dst, first):
                     ignore=shutil.ignore_patterns("student.*", "eval", "redpo.log"))
 
 
+def study_arms(args):
+    """The arms of this study, in ARMS's order (all but --leave-out); a name that is no arm is a one-line error."""
+    for flag, names in (("--arms", args.arms), ("--leave-out", args.leave_out)):
+        unknown = [n for n in names if n not in ARMS]
+        if unknown:
+            raise models.UserError(f"{flag}: {', '.join(map(repr, unknown))} is no arm of the study "
+                                   f"(arms: {', '.join(map(repr, ARMS))})")
+    return [n for n in ARMS if n not in args.leave_out]
+
+
 def final(seed_dir, name):
     rnd = "oneshot" if "--no-online" in ARMS[name] else "round-2"
     return os.path.join(seed_dir, slug(name), rnd, "student.safetensors")
@@ -166,8 +180,9 @@ def final(seed_dir, name):
 def run_seed(args, seed):
     seed_dir = os.path.join(os.path.abspath(args.work_dir), f"seed-{seed}")
     masks = make_masks(seed_dir, seed, args.ratios)
+    arms = study_arms(args)
     for name, flags in ARMS.items():
-        if name not in args.arms:
+        if name not in args.arms or name not in arms:
             continue
         work = os.path.join(seed_dir, slug(name))
         if name in SHARE:
@@ -183,12 +198,12 @@ def run_seed(args, seed):
         online_loop.main(online_loop.get_parser().parse_args([str(a) for a in argv]))
         print(f"##### seed {seed}: {name} done in {time.time() - t0:.0f}s", flush=True)
     # every model of the seed in one evaluation: the same eval prompts, the same initial noise
-    if not all(os.path.exists(final(seed_dir, n)) for n in ARMS):
+    if not all(os.path.exists(final(seed_dir, n)) for n in arms):
         print(f"##### seed {seed}: not every arm is trained yet; evaluation left for a later run")
         return
-    starts = ONLINE if args.eval_starts else []
-    labels = ["untrained-pruned", *[slug(n) for n in ARMS], *[f"{slug(n)}-round-2-start" for n in starts]]
-    ckpts = [os.path.join(masks, "oneshot", "pruned.safetensors"), *[final(seed_dir, n) for n in ARMS],
+    starts = [n for n in ONLINE if n in arms] if args.eval_starts else []
+    labels = ["untrained-pruned", *[slug(n) for n in arms], *[f"{slug(n)}-round-2-start" for n in starts]]
+    ckpts = [os.path.join(masks, "oneshot", "pruned.safetensors"), *[final(seed_dir, n) for n in arms],
              *[os.path.join(seed_dir, slug(n), "round-2", "pruned.safetensors") for n in starts]]
     online_loop.run_step("evaluate every arm", os.path.join(seed_dir, "eval", "report.json"),
                          ["evaluate.py", "--model", "toy", "--students", *ckpts, "--labels", *labels, "--prompts",
@@ -204,7 +219,7 @@ def entries(args, seed):
     report = models.read_json(os.path.join(args.work_dir, f"seed-{seed}", "eval", "report.json"))
     by = {m["label"]: m for m in report["models"]}
     out = {"teacher": by["teacher"], "untrained pruned": by["untrained-pruned"]}
-    out.update({name: by[slug(name)] for name in ARMS})
+    out.update({name: by[slug(name)] for name in study_arms(args)})
     out.update({f"{name}: its round-2 start": by[f"{slug(name)}-round-2-start"] for name in ONLINE
                 if f"{slug(name)}-round-2-start" in by})
     return out
@@ -223,6 +238,8 @@ def gather(args):
                   + " | VQ | TC | DD | TA |", "|---" * (6 + len(args.seeds)) + "|"]
     summary = {}
     for label, a, b in DIFFERENCES:
+        if a not in names or b not in names:  # an arm this study leaves out
+            continue
         diffs, (mean, half) = paired(score(a, "average"), score(b, "average"))
         summary[label] = {"mean": mean, "half": half, "per_seed": diffs}
         dims = [fmt(*paired(score(a, d), score(b, d))[1], sign=True) for d in models.DIMS]
@@ -315,6 +332,7 @@ def main(args):
             f.write(text)
         print(text)
         return
+    study_arms(args)  # misspelt arm names stop here, before any work
     if args.masks_only:
         for seed in args.seeds:
             make_masks(os.path.join(os.path.abspath(args.work_dir), f"seed-{seed}"), seed, args.ratios)
