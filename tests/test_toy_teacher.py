@@ -65,11 +65,13 @@ def test_tiny_training_saves_a_loadable_fp16_teacher(tiny_teacher):
         assert torch.equal(p, p.half().float())
 
 
-def test_init_from_continues_a_teacher(tiny_teacher, tmp_path):
+def test_init_from_continues_a_teacher(tiny_teacher, tmp_path, monkeypatch):
     family = models.get_family("toy")
     out = str(tmp_path / "more")
-    run(["--init-from", tiny_teacher, "--out", out, "--steps", "2", "--clips", "4", "--batch", "2", "--lr", "1e-3",
-         "--seed", "2", "--device", "cpu"])
+    argv = ["--init-from", tiny_teacher, "--out", out, "--steps", "2", "--clips", "4", "--batch", "2", "--lr", "1e-3",
+            "--seed", "2", "--device", "cpu"]
+    monkeypatch.setattr("sys.argv", ["toy/train_teacher.py", *argv])  # as if run from the command line
+    run(argv)
     a, b = models.load_teacher(family, tiny_teacher), models.load_teacher(family, out)
     for part in ("vae", "text_encoder"):  # kept as they were (no VAE phase, the same frozen text encoder)
         assert all(torch.equal(p, q) for p, q in zip(getattr(a, part).parameters(), getattr(b, part).parameters()))
@@ -78,6 +80,7 @@ def test_init_from_continues_a_teacher(tiny_teacher, tmp_path):
     assert moved  # the UNet (its EMA) went on training from the start
     info = models.read_json(os.path.join(out, "training.json"))
     assert info["init_from"]["fingerprint"] == a.fingerprint and info["init_from"]["steps"] == 3
+    assert info["command"].endswith(f"--init-from teacher --out more {' '.join(argv[4:])}")  # no machine path
     assert info["vae_steps"] == 0 and info["steps"] == 2
     with pytest.raises(models.UserError, match="is --out"):
         run(["--init-from", out, "--out", out, "--steps", "1"])

@@ -244,7 +244,8 @@ def train(args, device):
     n_params = sum(p.numel() for p in unet.parameters())
     print(f"unet: {n_params / 1e6:.2f} M parameters; budget {args.minutes:g} min" + (f", {args.steps} steps" if args.steps else ""))
     g = torch.Generator().manual_seed(args.seed + 3)
-    info = dict(command="python toy/train_teacher.py " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("train_teacher.py") else "",
+    argv = [portable(a) if os.path.isabs(a) else a for a in sys.argv[1:]]  # no machine path in the provenance
+    info = dict(command="python toy/train_teacher.py " + " ".join(argv) if sys.argv[0].endswith("train_teacher.py") else "",
                 args={**vars(args), "out": portable(args.out), "init_from": portable(args.init_from) if start else ""},
                 clips=len(clips), train_prompts=len(names) - 1,
                 init_from=start_info(args.init_from, start) if start else None,
