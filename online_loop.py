@@ -102,7 +102,10 @@ def get_parser():
     p.add_argument("--train-steps", type=int, default=0, help="ReDPO optimizer steps per round (0 = toy 60, others 30)")
     p.add_argument("--train-batch-size", type=int, default=4,
                    help="pairs per ReDPO step and process (with --nproc N a step sees N times as many)")
-    p.add_argument("--lr", type=float, default=0.0, help="ReDPO learning rate (0 = family default)")
+    p.add_argument("--lr", type=float, nargs="+", default=[], metavar="LR",
+                   help="ReDPO learning rate: one for every round, or one per round (the last for later rounds; "
+                        "one-shot trains at the final size with the last round's) (default: the family's: toy 3e-5 "
+                        "then 1e-4, chosen on its validation prompts; vc2 6e-6, animatediff 1e-5)")
     p.add_argument("--samples-per-prompt", type=int, default=0,
                    help="pairs per curated prompt, each from its own seed (0 = toy 2, others 1)")
     p.add_argument("--importance", default="reward", choices=["reward", "output"], help="pruning importance")
@@ -326,9 +329,17 @@ def main(args):
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
+def round_lr(args, family, k):
+    """ReDPO's learning rate in online round k (1-based): --lr, else the family's per-round or single default;
+    a list shorter than the rounds repeats its last value."""
+    values = args.lr or family.round_lr or [family.lr]
+    return values[min(k, len(values)) - 1]
+
+
 def loop(args, lock):
     family = models.get_family(args.model)
-    rounds = 1 if args.no_online else (args.rounds or family.rounds)
+    rounds_online = args.rounds or family.rounds
+    rounds = 1 if args.no_online else rounds_online
     final = args.final_ratio or family.final_ratio
     if not 0 < final < 1:
         raise models.UserError(f"--final-ratio must be in (0, 1), got {final}")
@@ -337,6 +348,8 @@ def loop(args, lock):
         if getattr(args, flag) < 0:
             raise models.UserError(f"--{flag.replace('_', '-')} must be >= 0 (0 = the default), got {getattr(args, flag)}")
     per_prompt = args.samples_per_prompt or family.pairs_per_prompt
+    if not all(lr > 0 for lr in args.lr):
+        raise models.UserError(f"--lr must be > 0 (got {' '.join(f'{lr:g}' for lr in args.lr)})")
     if args.guard is not None and not args.guard >= 0:
         raise models.UserError(f"--guard must be >= 0 (got {args.guard})")
     eval_samples = args.eval_samples or family.eval_samples
@@ -477,7 +490,7 @@ def loop(args, lock):
                      "--beta", args.beta or family.beta, "--w-sft", args.w_sft, "--reference", args.reference,
                      "--uncond-prob", args.uncond_prob, "--sft-cfg", family.sft_cfg if args.sft_cfg < 0 else args.sft_cfg,
                      "--max-steps", steps, "--batch-size", args.train_batch_size,
-                     "--lr", args.lr, "--seed", args.seed,
+                     "--lr", round_lr(args, family, rounds_online if args.no_online else k), "--seed", args.seed,
                      # real runs keep a training state every 100 steps: a rerun of the loop resumes inside ReDPO
                      *([] if toy else ["--save-every", 100])], log("redpo"), nproc=args.nproc)
         if args.eval_rounds == "all" or (args.eval_rounds == "last" and k == len(ratios)):

@@ -87,6 +87,7 @@ def test_one_shot_and_animatediff(animatediff_dirs, toy_prompts, tmp_path):
     assert len(log) == 2  # one-shot trains --train-steps at the final size, as the online loop's last round
     trained = json.loads(models.read_student_meta(os.path.join(work, "oneshot", "student.safetensors"))["args"])
     assert trained["loss"] == "sft" and trained["sft_cfg"] == 0.0  # real families: the paper's conditional SFT
+    assert trained["lr"] == 1e-3
 
 
 def test_masks_from_another_run_give_the_same_architecture(vc2_dir, toy_prompts, tmp_path):
@@ -128,6 +129,17 @@ def test_budgets_reach_the_final_ratio():
     assert online_loop.budgets(2, 0.6, "linear") == pytest.approx([0.8, 0.6])
 
 
+def test_learning_rate_per_round():
+    import argparse
+
+    lr = lambda family, k, values=(): online_loop.round_lr(argparse.Namespace(lr=list(values)),  # noqa: E731
+                                                           models.get_family(family), k)
+    assert [lr("toy", k) for k in (1, 2, 3)] == [3e-5, 1e-4, 1e-4]  # the toy's default; the last one repeats
+    assert [lr("vc2", k) for k in (1, 2)] == [6e-6, 6e-6] and lr("animatediff", 3) == 1e-5  # one for every round
+    assert [lr("toy", k, [2e-5]) for k in (1, 2)] == [2e-5, 2e-5]
+    assert [lr("vc2", k, [1e-6, 2e-6, 3e-6]) for k in (1, 2, 3, 4)] == [1e-6, 2e-6, 3e-6, 3e-6]
+
+
 def test_missing_prompt_file_is_a_one_line_error(tmp_path):  # real families' folders: test_real_defaults.py
     proc = run("online_loop.py", "--prompt-pool", tmp_path / "none.txt", "--work-dir", tmp_path / "w", check=False)
     assert proc.returncode == 2 and "none.txt: no such file" in proc.stderr and not (tmp_path / "w").exists()
@@ -138,6 +150,9 @@ def test_negative_budget_flags_are_refused(tmp_path):
         args = online_loop.get_parser().parse_args([flag, "-1", "--work-dir", str(tmp_path / "w")])
         with pytest.raises(models.UserError, match=f"{flag} must be >= 0"):
             online_loop.main(args)
+    args = online_loop.get_parser().parse_args(["--lr", "1e-4", "0", "--work-dir", str(tmp_path / "w")])
+    with pytest.raises(models.UserError, match="--lr must be > 0"):
+        online_loop.main(args)
     assert not (tmp_path / "w").exists()
 
 
@@ -158,5 +173,7 @@ def test_the_embedded_toy_loop_with_reduced_settings(tmp_path):
     assert rows[2]["pairs_made"] == 8  # the toy's default: 2 pairs a curated prompt, each from its own seed
     trained = json.loads(models.read_student_meta(str(tmp_path / "work" / "round-1" / "student.safetensors"))["args"])
     assert trained["sft_cfg"] == models.get_family("toy").sft_cfg == 6.0  # the toy's guided SFT reaches redpo
+    second = json.loads(models.read_student_meta(str(tmp_path / "work" / "round-2" / "student.safetensors"))["args"])
+    assert (trained["lr"], second["lr"]) == models.get_family("toy").round_lr == (3e-5, 1e-4)  # per round
     summary = models.read_json(str(tmp_path / "work" / "round-1" / "pairs" / "filtered.json"))
     assert summary["guard"] == 0.05 and "winner_worse_on_a_dim" in summary["counts"]  # --guard reaches the filter
