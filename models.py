@@ -111,6 +111,16 @@ def write_json(path, obj):
         f.write("\n")
 
 
+def write_pipeline_index(folder):
+    """model_index.json of a TextToVideoSDPipeline folder in the VC2 layout (the toy teacher, convert_vc2's
+    output), so that `TextToVideoSDPipeline.from_pretrained(folder)` loads it."""
+    write_json(os.path.join(folder, "model_index.json"), {
+        "_class_name": "TextToVideoSDPipeline", "_diffusers_version": __import__("diffusers").__version__,
+        "scheduler": ["diffusers", "DDIMScheduler"], "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"], "unet": ["diffusers", "UNet3DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"]})
+
+
 def read_text(path):
     """A UTF-8 text file's contents (a BOM dropped); a missing, unreadable or undecodable file, or a
     folder, is a one-line UserError naming it (and the line of the first bad byte)."""

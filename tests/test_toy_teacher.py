@@ -53,6 +53,9 @@ def test_tiny_training_saves_a_loadable_fp16_teacher(tiny_teacher):
     info = models.read_json(os.path.join(tiny_teacher, "training.json"))
     assert info["steps"] == 3 and info["finished"] and info["vae_steps"] == 2 and np.isfinite(info["final_loss"])
     assert not os.path.isabs(info["args"]["out"])
+    index = models.read_json(os.path.join(tiny_teacher, "model_index.json"))  # a pipeline folder, as shipped
+    assert index == models.read_json(os.path.join(SHIPPED, "model_index.json")) | {"_diffusers_version": index[
+        "_diffusers_version"]}
     # the optimizer stepped: diffusers zero-initialises these layers, training moved them
     fresh = dict(type(t.unet)(**tt.UNET_CONFIG).named_parameters())
     zero = [n for n, p in fresh.items() if p.abs().sum() == 0 and p.ndim > 1]

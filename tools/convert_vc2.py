@@ -337,11 +337,7 @@ def main(args):
         context = text.config.max_position_embeddings
         models.build_clip_tokenizer(context).save_pretrained(os.path.join(tmp, "tokenizer"))
         DDIMScheduler(**SCHEDULER).save_pretrained(os.path.join(tmp, "scheduler"))
-        models.write_json(os.path.join(tmp, "model_index.json"), {
-            "_class_name": "TextToVideoSDPipeline", "_diffusers_version": __import__("diffusers").__version__,
-            "scheduler": ["diffusers", "DDIMScheduler"], "text_encoder": ["transformers", "CLIPTextModel"],
-            "tokenizer": ["transformers", "CLIPTokenizer"], "unet": ["diffusers", "UNet3DConditionModel"],
-            "vae": ["diffusers", "AutoencoderKL"]})
+        models.write_pipeline_index(tmp)
         models.write_json(os.path.join(tmp, "conversion.json"), {
             "made_by": "tools/convert_vc2.py", "args": vars(args), "ckpt_bytes": os.path.getsize(args.ckpt),
             "fps_folded": args.fps, "unet_config": dict(unet.config),

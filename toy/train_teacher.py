@@ -182,6 +182,7 @@ def save_teacher(out, unet, vae, text_encoder, tokenizer, scheduler, info):
     copy.deepcopy(text_encoder).half().save_pretrained(os.path.join(tmp, "text_encoder"))
     tokenizer.save_pretrained(os.path.join(tmp, "tokenizer"))
     scheduler.save_pretrained(os.path.join(tmp, "scheduler"))
+    models.write_pipeline_index(tmp)  # a complete pipeline folder (README: using the result)
     models.write_json(os.path.join(tmp, "training.json"), info)
     if os.path.exists(out):
         os.replace(out, old)
