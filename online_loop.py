@@ -104,8 +104,8 @@ def get_parser():
                    help="pairs per ReDPO step and process (with --nproc N a step sees N times as many)")
     p.add_argument("--lr", type=float, nargs="+", default=[], metavar="LR",
                    help="ReDPO learning rate: one for every round, or one per round (the last for later rounds; "
-                        "one-shot trains at the final size with the last round's) (default: the family's: toy 3e-5 "
-                        "then 1e-4, chosen on its validation prompts; vc2 6e-6, animatediff 1e-5)")
+                        "one-shot trains at the final size with the last round's) (default: the family's, every "
+                        "round: toy 1e-4, vc2 6e-6, animatediff 1e-5)")
     p.add_argument("--samples-per-prompt", type=int, default=0,
                    help="pairs per curated prompt, each from its own seed (0 = toy 2, others 1)")
     p.add_argument("--importance", default="reward", choices=["reward", "output"], help="pruning importance")
@@ -330,9 +330,9 @@ def main(args):
 
 
 def round_lr(args, family, k):
-    """ReDPO's learning rate in online round k (1-based): --lr, else the family's per-round or single default;
-    a list shorter than the rounds repeats its last value."""
-    values = args.lr or family.round_lr or [family.lr]
+    """ReDPO's learning rate in online round k (1-based): --lr, else the family's; a list shorter than the
+    rounds repeats its last value."""
+    values = args.lr or [family.lr]
     return values[min(k, len(values)) - 1]
 
 

@@ -134,8 +134,9 @@ def test_learning_rate_per_round():
 
     lr = lambda family, k, values=(): online_loop.round_lr(argparse.Namespace(lr=list(values)),  # noqa: E731
                                                            models.get_family(family), k)
-    assert [lr("toy", k) for k in (1, 2, 3)] == [3e-5, 1e-4, 1e-4]  # the toy's default; the last one repeats
-    assert [lr("vc2", k) for k in (1, 2)] == [6e-6, 6e-6] and lr("animatediff", 3) == 1e-5  # one for every round
+    assert [lr("toy", k) for k in (1, 2, 3)] == [1e-4] * 3  # the family's default in every round
+    assert [lr("vc2", k) for k in (1, 2)] == [6e-6, 6e-6] and lr("animatediff", 3) == 1e-5
+    assert [lr("toy", k, [3e-5, 1e-4]) for k in (1, 2, 3)] == [3e-5, 1e-4, 1e-4]  # the last one repeats
     assert [lr("toy", k, [2e-5]) for k in (1, 2)] == [2e-5, 2e-5]
     assert [lr("vc2", k, [1e-6, 2e-6, 3e-6]) for k in (1, 2, 3, 4)] == [1e-6, 2e-6, 3e-6, 3e-6]
 
@@ -164,7 +165,7 @@ def test_the_embedded_toy_loop_with_reduced_settings(tmp_path):
     evalp.write_text("\n".join(world.eval_prompts()[:3]) + "\n")
     out = run("online_loop.py", "--work-dir", tmp_path / "work", "--eval-prompts", evalp, "--train-steps", "2",
               "--steps", "4", "--probe-steps", "2", "--num-probe", "2", "--probe-seeds", "1", "--max-pair-prompts", "4",
-              "--eval-samples", "1", "--no-filter", "--guard", "0.05").stdout
+              "--eval-samples", "1", "--no-filter", "--guard", "0.05", "--lr", "3e-5", "1e-4").stdout
     assert "V.I.P. finished" in out and "| round-2 | student |" in out
     rows = models.read_json(str(tmp_path / "work" / "results.json"))["rows"]
     assert [r["model"] for r in rows] == ["teacher", "pruned", "student", "pruned", "student"]
@@ -174,6 +175,6 @@ def test_the_embedded_toy_loop_with_reduced_settings(tmp_path):
     trained = json.loads(models.read_student_meta(str(tmp_path / "work" / "round-1" / "student.safetensors"))["args"])
     assert trained["sft_cfg"] == models.get_family("toy").sft_cfg == 6.0  # the toy's guided SFT reaches redpo
     second = json.loads(models.read_student_meta(str(tmp_path / "work" / "round-2" / "student.safetensors"))["args"])
-    assert (trained["lr"], second["lr"]) == models.get_family("toy").round_lr == (3e-5, 1e-4)  # per round
+    assert (trained["lr"], second["lr"]) == (3e-5, 1e-4)  # --lr per round reaches each round's redpo
     summary = models.read_json(str(tmp_path / "work" / "round-1" / "pairs" / "filtered.json"))
     assert summary["guard"] == 0.05 and "winner_worse_on_a_dim" in summary["counts"]  # --guard reaches the filter
