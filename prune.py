@@ -7,7 +7,9 @@ temporal transformers, temporal convs, `transformer_in` and same-width ResNets (
   output  the increase of the noise-prediction error against the teacher when l is removed,
           averaged over timesteps on N(0, I) inputs (a cheap proxy: no sampling, no scorer)
 Layers are removed in order of importance until the prunable parameters (as the paper counts
-them) reach --target-params or --target-ratio of the teacher's. Input: the teacher and optionally
+them) reach --target-params or --target-ratio of the teacher's; with --passes P the cut is made in
+P equal shares, importance measured again on what the earlier shares left (one layer of a kind
+that the others back up looks unimportant alone; the last ones do not). Input: the teacher and optionally
 the previous student; output: a student checkpoint whose metadata holds the removed layers and
 the importance table.
 
@@ -43,6 +45,10 @@ def get_parser():
     p.add_argument("--importance", default="reward", choices=["reward", "output"], help="importance criterion")
     p.add_argument("--prompts", default="", help="probe prompts (.txt one a line, or .jsonl)")
     p.add_argument("--num-prompts", type=int, default=8, help="probe prompts used (the first N)")
+    p.add_argument("--passes", type=int, default=1,
+                   help="measure importance this many times, each pass removing an equal share of the round's cut "
+                        "from the model the earlier passes left (1 = measure once, the paper's; more sees that the "
+                        "last of a kind of layer matters more than any one of them)")
     p.add_argument("--probe-seeds", type=int, default=2,
                    help="seed sets per probe prompt: importance is their mean; with 2 or more, the rank "
                         "correlation of the first two sets' importances is reported (stability)")
@@ -169,6 +175,34 @@ def importance(args, family, unet, teacher, cands, prompts, device):
     return base.mean().item(), table, by_set
 
 
+def passes(args, family, unet, teacher, cands, prompts, device, current, target, table, by_set, measured_in):
+    """Remove layers down to `target` in --passes passes, each measuring importance on the model the earlier
+    ones left and cutting an equal share of what remains (the last pass reaches the target). Fills table,
+    by_set and measured_in with each layer's latest measurement (a removed layer's: the one that removed it);
+    returns (layers removed, pass 1's seed-set rank correlation, R of the unpruned model)."""
+    chosen, stability, base, left = [], None, None, list(cands)
+    for j in range(args.passes):
+        if current <= target or not left:
+            break
+        share = target if j == args.passes - 1 else round(current - (current - target) / (args.passes - j))
+        reward, t, s = importance(args, family, unet, teacher, left, prompts, device)
+        if j == 0:
+            base = reward
+            if args.probe_seeds >= 2:
+                stability = spearman([s[p][0] for p, _ in left], [s[p][1] for p, _ in left])
+        now, current = select(left, t, current, share)
+        models.remove_layers(unet, now)
+        table.update(t)
+        by_set.update(s)
+        measured_in.update({p: j + 1 for p in t})
+        chosen += now
+        left = [(p, n) for p, n in left if p not in now]
+        if args.passes > 1:
+            print(f"prune: pass {j + 1}/{args.passes}: R {reward:.4f}; removed {len(now)} layers -> {current:,} "
+                  f"(this pass's target {share:,})")
+    return chosen, stability, base
+
+
 def stored_importance(path, teacher, cands):
     """{layer: importance} from a prune.py checkpoint's metadata, for every candidate of this student."""
     from safetensors import safe_open
@@ -281,6 +315,11 @@ def main(args):
         raise models.UserError("give exactly one of --target-params and --target-ratio (or --layers-from)")
     if args.target_ratio and not 0 < args.target_ratio <= 1:
         raise models.UserError(f"--target-ratio must be in (0, 1], got {args.target_ratio}")
+    if args.passes < 1:
+        raise models.UserError(f"--passes must be >= 1 (got {args.passes})")
+    if args.passes > 1 and (args.importance_from or args.layers_from):
+        raise models.UserError("--passes measures importance again after each pass: not with --importance-from or "
+                               "--layers-from")
     if args.probe_seeds < 1:
         raise models.UserError(f"--probe-seeds must be >= 1 (got {args.probe_seeds})")
     if not args.prompts and not args.layers_from and not args.importance_from:
@@ -296,7 +335,7 @@ def main(args):
     current = models.count_params(family, unet)
     cands = candidates(family, unet)
     t0 = time.time()
-    table, by_set, base, stability = {}, {}, None, None
+    table, by_set, measured_in, base, stability = {}, {}, {}, None, None
     if args.layers_from:  # a mask made elsewhere: the same layers, whatever this student's weights
         mask = models.check_student(args.layers_from, models.read_student_meta(args.layers_from), teacher)["removed"]
         missing = [p for p in meta["removed"] if p not in mask]
@@ -314,17 +353,16 @@ def main(args):
             by_set = {p: [] for p in table}
             chosen, _ = select(cands, table, current, target)
         else:
-            base, table, by_set = importance(args, family, unet, teacher, cands, prompts, device)
-            chosen, _ = select(cands, table, current, target)
-            if args.probe_seeds >= 2:
-                stability = spearman([by_set[p][0] for p, _ in cands], [by_set[p][1] for p, _ in cands])
+            chosen, stability, base = passes(args, family, unet, teacher, cands, prompts, device, current, target,
+                                             table, by_set, measured_in)
     models.remove_layers(unet, chosen)
     after = models.count_params(family, unet)
     rows = [{"layer": p, "kind": kind_of(p), "params": n, "importance": table[p], "by_seed_set": by_set[p],
-             "removed": p in chosen} for p, n in sorted(cands, key=lambda c: table.get(c[0], 0.0))] if table else []
-    print(f"{'layer':48s} {'params':>12s} {'importance':>12s}  per seed set")
+             "removed": p in chosen, "pass": measured_in.get(p, 1)}
+            for p, n in sorted(cands, key=lambda c: (measured_in.get(c[0], 1), table.get(c[0], 0.0)))] if table else []
+    print(f"{'layer':48s} {'params':>12s} {'importance':>12s} {'pass':>4s}  per seed set")
     for r in rows:
-        print(f"{r['layer']:48s} {r['params']:12,d} {r['importance']:12.5f}  "
+        print(f"{r['layer']:48s} {r['params']:12,d} {r['importance']:12.5f} {r['pass']:4d}  "
               f"{' '.join(f'{v:8.5f}' for v in r['by_seed_set'])}{'  removed' if r['removed'] else ''}")
     if stability is not None:
         print(f"prune: rank correlation (Spearman) of the importances from seed sets 1 and 2: {stability:.3f} "

@@ -117,3 +117,29 @@ def test_bad_arguments_are_one_line_errors(vc2_dir, prompts_file, tmp_path):
                    tmp_path / "o.safetensors", *args, check=False)
         assert proc.returncode == 2 and proc.stderr.startswith("error: ") and "Traceback" not in proc.stderr
     assert not (tmp_path / "o.safetensors").exists()
+
+
+def test_passes_measure_importance_again_on_the_smaller_model(vc2_dir, prompts_file, tmp_path):
+    out = tmp_path / "passes.safetensors"
+    proc = run("prune.py", "--model", "vc2", "--teacher", vc2_dir, "--prompts", prompts_file, "--importance", "output",
+               "--timesteps", "2", "--target-ratio", "0.6", "--passes", "3", "--out", out, *TINY_SAMPLING)
+    meta = models.read_student_meta(str(out))
+    full, kept = int(meta["teacher_prunable_params"]), int(meta["prunable_params"])
+    rows = json.loads(meta["importance"])
+    assert kept <= 0.6 * full and {r["layer"] for r in rows if r["removed"]} == set(meta["removed"])
+    assert all(r["pass"] in (1, 2, 3) for r in rows)
+    # the layers kept carry their last pass's measurement: made on the model without pass 1's layers
+    assert {r["pass"] for r in rows if r["removed"]} == {1, 2, 3} and {r["pass"] for r in rows if not r["removed"]} == {3}
+    assert proc.stdout.count("prune: pass ") == 3 and "pass 3/3" in proc.stdout
+    # the last pass stops within one layer of the target
+    assert kept > 0.6 * full - max(r["params"] for r in rows if r["removed"] and r["pass"] == 3)
+    # one pass measures all candidates once on the unpruned model: the same first-pass table
+    one = tmp_path / "one.safetensors"
+    run("prune.py", "--model", "vc2", "--teacher", vc2_dir, "--prompts", prompts_file, "--importance", "output",
+        "--timesteps", "2", "--target-ratio", "0.6", "--out", one, *TINY_SAMPLING)
+    first = {r["layer"]: r["importance"] for r in json.loads(models.read_student_meta(str(one))["importance"])}
+    assert all(r["importance"] == pytest.approx(first[r["layer"]]) for r in rows if r["pass"] == 1)
+    assert any(r["importance"] != pytest.approx(first[r["layer"]], rel=1e-3) for r in rows if r["pass"] == 3)
+    proc = run("prune.py", "--model", "vc2", "--teacher", vc2_dir, "--prompts", prompts_file, "--passes", "0",
+               "--target-ratio", "0.6", "--out", tmp_path / "bad.safetensors", check=False)
+    assert proc.returncode == 2 and "--passes must be >= 1" in proc.stderr and not (tmp_path / "bad.safetensors").exists()
