@@ -190,7 +190,7 @@ def passes(args, family, unet, teacher, cands, prompts, device, current, target,
             base = reward
             if args.probe_seeds >= 2:
                 stability = spearman([s[p][0] for p, _ in left], [s[p][1] for p, _ in left])
-        now, current = select(left, t, current, share)
+        now, current = select(left, t, current, share, fill=j == args.passes - 1)
         models.remove_layers(unet, now)
         table.update(t)
         by_set.update(s)
@@ -217,16 +217,20 @@ def stored_importance(path, teacher, cands):
     return {p: table[p] for p, _ in cands}
 
 
-def select(cands, table, current, target):
+def select(cands, table, current, target, fill=True):
     """Remove the least important layers first, skipping any that would cross the target, then close
     the gap with the least important layer that crosses it: the result is at or below the target by
-    less than one layer (never a large layer dropped just to cover a small remainder)."""
+    less than one layer (never a large layer dropped just to cover a small remainder). With fill=False
+    (a pass before the last) stop at the first layer that would cross instead: the remainder is left
+    to the next pass, not filled with small layers from further down the ranking."""
     chosen = []
     ranked = sorted(cands, key=lambda c: (table[c[0]], -c[1]))
     for path, n in ranked:
         if current - n >= target:
             chosen.append(path)
             current -= n
+        elif not fill:
+            return chosen, current
     if current > target:
         crossing = [(p, n) for p, n in ranked if p not in chosen and current - n < target]
         if crossing:  # the least important of the layers that finish the round

@@ -61,6 +61,11 @@ def test_select_removes_least_important_until_budget():
     assert prune.select(cands, table, 100, 99) == (["big"], 40)
     table["big"] = 1.0
     assert prune.select(cands, table, 100, 99) == (["s1"], 97)
+    # a pass before the last stops at the first layer that would cross, leaving the rest to the next pass
+    cands = [("a", 10), ("big", 50), ("s", 5)]
+    table = {"a": 0.1, "big": 0.2, "s": 0.9}
+    assert prune.select(cands, table, 100, 60) == (["a", "s", "big"], 35)  # small "s" from far down, then "big"
+    assert prune.select(cands, table, 100, 60, fill=False) == (["a"], 90)
 
 
 def test_spearman_on_hand_made_rankings():
