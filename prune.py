@@ -49,6 +49,10 @@ def get_parser():
                    help="measure importance this many times, each pass removing an equal share of the round's cut "
                         "from the model the earlier passes left (1 = measure once, the paper's; more sees that the "
                         "last of a kind of layer matters more than any one of them)")
+    p.add_argument("--keep-temporal-convs", type=int, default=0, metavar="N",
+                   help="never remove the last N temporal convolutions (vc2, toy): with none left the UNet cannot "
+                        "tell frame order (its temporal attention has no positional embedding), which one-layer-at-"
+                        "a-time importance cannot see (0 = no such rule, the paper's)")
     p.add_argument("--probe-seeds", type=int, default=2,
                    help="seed sets per probe prompt: importance is their mean; with 2 or more, the rank "
                         "correlation of the first two sets' importances is reported (stability)")
@@ -175,6 +179,11 @@ def importance(args, family, unet, teacher, cands, prompts, device):
     return base.mean().item(), table, by_set
 
 
+def kept_kinds(args):
+    """select()'s {kind: layers never removed}."""
+    return {"temp_convs": args.keep_temporal_convs} if args.keep_temporal_convs else {}
+
+
 def passes(args, family, unet, teacher, cands, prompts, device, current, target, table, by_set, measured_in):
     """Remove layers down to `target` in --passes passes, each measuring importance on the model the earlier
     ones left and cutting an equal share of what remains (the last pass reaches the target). Fills table,
@@ -190,7 +199,7 @@ def passes(args, family, unet, teacher, cands, prompts, device, current, target,
             base = reward
             if args.probe_seeds >= 2:
                 stability = spearman([s[p][0] for p, _ in left], [s[p][1] for p, _ in left])
-        now, current = select(left, t, current, share, fill=j == args.passes - 1)
+        now, current = select(left, t, current, share, fill=j == args.passes - 1, keep=kept_kinds(args))
         models.remove_layers(unet, now)
         table.update(t)
         by_set.update(s)
@@ -217,22 +226,29 @@ def stored_importance(path, teacher, cands):
     return {p: table[p] for p, _ in cands}
 
 
-def select(cands, table, current, target, fill=True):
+def select(cands, table, current, target, fill=True, keep=None):
     """Remove the least important layers first, skipping any that would cross the target, then close
     the gap with the least important layer that crosses it: the result is at or below the target by
     less than one layer (never a large layer dropped just to cover a small remainder). With fill=False
     (a pass before the last) stop at the first layer that would cross instead: the remainder is left
-    to the next pass, not filled with small layers from further down the ranking."""
-    chosen = []
+    to the next pass, not filled with small layers from further down the ranking. keep {kind: N}: never
+    leave fewer than N layers of that kind (those are skipped)."""
+    chosen, keep = [], keep or {}
+    left = {k: sum(kind_of(p) == k for p, _ in cands) for k in keep}
     ranked = sorted(cands, key=lambda c: (table[c[0]], -c[1]))
+    allowed = lambda p: not keep or kind_of(p) not in keep or left[kind_of(p)] > keep[kind_of(p)]
     for path, n in ranked:
+        if not allowed(path):
+            continue
         if current - n >= target:
+            if keep and kind_of(path) in left:
+                left[kind_of(path)] -= 1
             chosen.append(path)
             current -= n
         elif not fill:
             return chosen, current
     if current > target:
-        crossing = [(p, n) for p, n in ranked if p not in chosen and current - n < target]
+        crossing = [(p, n) for p, n in ranked if p not in chosen and current - n < target and allowed(p)]
         if crossing:  # the least important of the layers that finish the round
             path, n = crossing[0]
             chosen.append(path)
@@ -319,6 +335,8 @@ def main(args):
         raise models.UserError("give exactly one of --target-params and --target-ratio (or --layers-from)")
     if args.target_ratio and not 0 < args.target_ratio <= 1:
         raise models.UserError(f"--target-ratio must be in (0, 1], got {args.target_ratio}")
+    if args.keep_temporal_convs < 0:
+        raise models.UserError(f"--keep-temporal-convs must be >= 0 (got {args.keep_temporal_convs})")
     if args.passes < 1:
         raise models.UserError(f"--passes must be >= 1 (got {args.passes})")
     if args.passes > 1 and (args.importance_from or args.layers_from):
@@ -355,7 +373,7 @@ def main(args):
         elif args.importance_from:
             table = stored_importance(args.importance_from, teacher, cands)
             by_set = {p: [] for p in table}
-            chosen, _ = select(cands, table, current, target)
+            chosen, _ = select(cands, table, current, target, keep=kept_kinds(args))
         else:
             chosen, stability, base = passes(args, family, unet, teacher, cands, prompts, device, current, target,
                                              table, by_set, measured_in)

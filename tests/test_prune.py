@@ -66,6 +66,12 @@ def test_select_removes_least_important_until_budget():
     table = {"a": 0.1, "big": 0.2, "s": 0.9}
     assert prune.select(cands, table, 100, 60) == (["a", "s", "big"], 35)  # small "s" from far down, then "big"
     assert prune.select(cands, table, 100, 60, fill=False) == (["a"], 90)
+    # keep {kind: N}: the last N layers of a kind stay, the next least important layers go instead
+    cands = [("b.temp_convs.0", 10), ("b.temp_convs.1", 10), ("b.attentions.0", 10), ("b.resnets.0", 10)]
+    table = {"b.temp_convs.0": 0.0, "b.temp_convs.1": 0.1, "b.attentions.0": 0.2, "b.resnets.0": 0.3}
+    assert prune.select(cands, table, 40, 20) == (["b.temp_convs.0", "b.temp_convs.1"], 20)
+    assert prune.select(cands, table, 40, 20, keep={"temp_convs": 1}) == (["b.temp_convs.0", "b.attentions.0"], 20)
+    assert prune.select(cands, table, 40, 25, keep={"temp_convs": 2}) == (["b.attentions.0", "b.resnets.0"], 20)
 
 
 def test_spearman_on_hand_made_rankings():
