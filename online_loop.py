@@ -119,8 +119,9 @@ def get_parser():
                    help="curated prompts made into pairs per round (0 = all, the default)")
     p.add_argument("--num-probe", type=int, default=8, help="probe prompts used for pruning importance")
     p.add_argument("--probe-seeds", type=int, default=2, help="seed sets per probe prompt for pruning importance")
-    p.add_argument("--keep-temporal-convs", type=int, default=0, metavar="N",
-                   help="pruning never removes the last N temporal convolutions (prune.py --keep-temporal-convs)")
+    p.add_argument("--keep-temporal-convs", type=int, default=-1, metavar="N",
+                   help="pruning never removes the last N temporal convolutions (prune.py --keep-temporal-convs; "
+                        "-1 = the family's: toy 1, chosen on its validation prompts, others 0, the paper's)")
     p.add_argument("--prune-passes", type=int, default=1,
                    help="importance measured again after each share of a round's cut (prune.py --passes)")
     p.add_argument("--masks-from", default="",
@@ -460,7 +461,8 @@ def loop(args, lock):
             how = ["--layers-from", mask]
         else:
             how = ["--prompts", probe, "--num-prompts", args.num_probe, "--probe-seeds", args.probe_seeds,
-                   "--passes", args.prune_passes, "--keep-temporal-convs", args.keep_temporal_convs, "--importance", args.importance, *scorer, "--target-ratio", ratio]
+                   "--passes", args.prune_passes, "--keep-temporal-convs",
+                   family.keep_temporal_convs if args.keep_temporal_convs < 0 else args.keep_temporal_convs, "--importance", args.importance, *scorer, "--target-ratio", ratio]
         run("prune", pruned, ["prune.py", *base, *(["--student", previous] if previous else []), *how, "--out", pruned,
                               *probe_sampling, "--seed", args.seed], log("prune"))
         run("probe evaluation", report,

@@ -88,6 +88,8 @@ def test_one_shot_and_animatediff(animatediff_dirs, toy_prompts, tmp_path):
     trained = json.loads(models.read_student_meta(os.path.join(work, "oneshot", "student.safetensors"))["args"])
     assert trained["loss"] == "sft" and trained["sft_cfg"] == 0.0  # real families: the paper's conditional SFT
     assert trained["lr"] == 1e-3
+    pruned = json.loads(models.read_student_meta(os.path.join(work, "oneshot", "pruned.safetensors"))["args"])
+    assert pruned["keep_temporal_convs"] == 0  # real families: the paper's pruning, no kept layers
 
 
 def test_masks_from_another_run_give_the_same_architecture(vc2_dir, toy_prompts, tmp_path):
@@ -176,5 +178,8 @@ def test_the_embedded_toy_loop_with_reduced_settings(tmp_path):
     assert trained["sft_cfg"] == models.get_family("toy").sft_cfg == 6.0  # the toy's guided SFT reaches redpo
     second = json.loads(models.read_student_meta(str(tmp_path / "work" / "round-2" / "student.safetensors"))["args"])
     assert (trained["lr"], second["lr"]) == (3e-5, 1e-4)  # --lr per round reaches each round's redpo
+    pruned = models.read_student_meta(str(tmp_path / "work" / "round-2" / "pruned.safetensors"))
+    assert json.loads(pruned["args"])["keep_temporal_convs"] == models.get_family("toy").keep_temporal_convs == 1
+    assert sum(".temp_convs." in p for p in pruned["removed"]) <= 10  # the last of the 11 is never removed
     summary = models.read_json(str(tmp_path / "work" / "round-1" / "pairs" / "filtered.json"))
     assert summary["guard"] == 0.05 and "winner_worse_on_a_dim" in summary["counts"]  # --guard reaches the filter
