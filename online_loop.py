@@ -9,15 +9,14 @@
         M_i'    = train M_i with ReDPO (reference = M_0) on pairs
         evaluate M_i'
 
-Every step runs one stage script: as a separate process when --nproc > 1 (under torchrun) or with
---isolate, otherwise inside this process (the stage's own `main(args)`, its output logged the same
-way), which saves the ~10 s of importing torch, diffusers and transformers per step on a CPU. Every
-step's outputs live under WORK_DIR/round-k/. A step is complete when its final file exists
-(stages write it last and atomically): a rerun skips complete steps and redoes partial ones
-(ReDPO on vc2 / animatediff continues from its training state, saved every 100 steps). The
-teacher's videos are cached in WORK_DIR/teacher_cache and reused by every round. It ends by
-printing one table: per round, parameters, FLOPs, the four scores and their average, pairs made
-and kept (also written to WORK_DIR/results.md and results.json).
+Every step runs one stage script: as a separate process when --nproc > 1 (under torchrun) or with --isolate,
+otherwise inside this process (the stage's own `main(args)`, its output logged the same way), which saves the
+~10 s of importing torch, diffusers and transformers per step on a CPU. Every step's outputs live under
+WORK_DIR/round-k/. A step is complete when its final file exists (stages write it last and atomically): a rerun
+skips complete steps and redoes partial ones (ReDPO on vc2 / animatediff continues from its training state,
+saved every 100 steps). The teacher's videos are cached in WORK_DIR/teacher_cache and reused by every round. It
+ends by printing one table: per round, parameters, FLOPs, the four scores and their average, pairs made and kept
+(also written to WORK_DIR/results.md and results.json).
 
 Laptop (the embedded toy, minutes on a CPU):  python online_loop.py
 Ablations:   python online_loop.py --loss sft    |   python online_loop.py --no-online
@@ -26,12 +25,12 @@ AnimateDiff: python online_loop.py --model animatediff
 8 GPUs:      python online_loop.py ... --nproc 8     (each heavy stage runs under torchrun)
 2 nodes:     python online_loop.py ... --nproc 8 --nnodes 2 --node-rank R --rdzv-endpoint NODE0:29500  (on each)
 
-One loop per work dir: it holds WORK_DIR/loop.lock (pid, host) from its first write to its exit (SIGTERM
-included); a second loop there stops at once; a lock whose process is gone from this host is taken over.
-Many nodes on a shared filesystem: the same command runs on every node with its own --node-rank (node R > 0
-locks WORK_DIR/loop.nodeR.lock). Every heavy step (evaluate, make pairs, filter, redpo) runs under torchrun
-on all nodes, joined by a c10d rendezvous at --rdzv-endpoint; the light single-process steps (prune, curate,
-keeping the pruned student, the results) run on node 0 alone while the other nodes wait for their file.
+One loop per work dir: it holds WORK_DIR/loop.lock (pid, host) from its first write to its exit (SIGTERM included);
+a second loop there stops at once; a lock whose process is gone from this host is taken over. Many nodes on a shared
+filesystem: the same command runs on every node with its own --node-rank (node R > 0 locks
+WORK_DIR/loop.nodeR.lock). Every heavy step (evaluate, make pairs, filter, redpo) runs under torchrun on all nodes,
+joined by a c10d rendezvous at --rdzv-endpoint; the light single-process steps (prune, curate, keeping the pruned
+student, the results) run on node 0 alone while the other nodes wait for their file.
 """
 import argparse
 import contextlib
@@ -97,8 +96,7 @@ def get_parser():
     p.add_argument("--uncond-prob", type=float, default=0.1, help="prompt dropout in ReDPO (trains the CFG branch)")
     p.add_argument("--sft-cfg", type=float, default=-1.0,
                    help="SFT on the teacher's CFG-guided prediction at this scale (redpo.py --sft-cfg; 0 = on the "
-                        "conditional one, the paper's; -1 = the family's: toy 6, chosen on its validation prompts, "
-                        "others 0)")
+                        "conditional one, the paper's; -1 = the family's: toy 6, chosen on validation, others 0)")
     p.add_argument("--train-steps", type=int, default=0, help="ReDPO optimizer steps per round (0 = toy 60, others 30)")
     p.add_argument("--train-batch-size", type=int, default=4,
                    help="pairs per ReDPO step and process (with --nproc N a step sees N times as many)")
@@ -119,11 +117,8 @@ def get_parser():
                    help="curated prompts made into pairs per round (0 = all, the default)")
     p.add_argument("--num-probe", type=int, default=8, help="probe prompts used for pruning importance")
     p.add_argument("--probe-seeds", type=int, default=2, help="seed sets per probe prompt for pruning importance")
-    p.add_argument("--keep-temporal-convs", type=int, default=-1, metavar="N",
-                   help="pruning never removes the last N temporal convolutions (prune.py --keep-temporal-convs; "
-                        "-1 = the family's: toy 1, chosen on its validation prompts, others 0, the paper's)")
-    p.add_argument("--prune-passes", type=int, default=1,
-                   help="importance measured again after each share of a round's cut (prune.py --passes)")
+    p.add_argument("--keep-temporal-convs", type=int, default=-1, metavar="N", help="pruning never removes the last "
+                   "N temporal convs (prune.py's; -1 = the family's: toy 1, chosen on validation, others 0, the paper's)")
     p.add_argument("--masks-from", default="",
                    help="another work dir whose round-k/pruned.safetensors masks this run reuses (no importance)")
     p.add_argument("--eval-samples", type=int, default=0, help="videos per eval prompt (0 = toy 4, other families 1)")
@@ -137,8 +132,7 @@ def get_parser():
     p.add_argument("--tau", type=float, default=0.0, help="pair filter floor tau_p: keep S(w) > S(l) > tau")
     p.add_argument("--guard", type=float, default=None, metavar="M",
                    help="pair filter: also drop a pair whose winner is more than M below its loser on any dimension "
-                        "(filter_pairs.py --guard; default off: on the toy's validation prompts it did not help, "
-                        "toy/RESULTS.md)")
+                        "(filter_pairs.py --guard; default off: it did not help on the toy's validation prompts)")
     p.add_argument("--no-filter", action="store_true", help="ablation: train on every pair (scored, none dropped)")
     models.add_sampling_args(p)
     p.add_argument("--probe-steps", type=int, default=0, help="DDIM steps of pruning's probe videos (0 = --steps)")
@@ -353,6 +347,7 @@ def loop(args, lock):
         if getattr(args, flag) < 0:
             raise models.UserError(f"--{flag.replace('_', '-')} must be >= 0 (0 = the default), got {getattr(args, flag)}")
     per_prompt = args.samples_per_prompt or family.pairs_per_prompt
+    keep_convs = family.keep_temporal_convs if args.keep_temporal_convs < 0 else args.keep_temporal_convs
     if not all(lr > 0 for lr in args.lr):
         raise models.UserError(f"--lr must be > 0 (got {' '.join(f'{lr:g}' for lr in args.lr)})")
     if args.guard is not None and not args.guard >= 0:
@@ -460,9 +455,8 @@ def loop(args, lock):
                 raise models.UserError(f"--masks-from {args.masks_from}: no {name}/pruned.safetensors there")
             how = ["--layers-from", mask]
         else:
-            how = ["--prompts", probe, "--num-prompts", args.num_probe, "--probe-seeds", args.probe_seeds,
-                   "--passes", args.prune_passes, "--keep-temporal-convs",
-                   family.keep_temporal_convs if args.keep_temporal_convs < 0 else args.keep_temporal_convs, "--importance", args.importance, *scorer, "--target-ratio", ratio]
+            how = ["--prompts", probe, "--num-prompts", args.num_probe, "--probe-seeds", args.probe_seeds, "--importance",
+                   args.importance, "--keep-temporal-convs", keep_convs, *scorer, "--target-ratio", ratio]
         run("prune", pruned, ["prune.py", *base, *(["--student", previous] if previous else []), *how, "--out", pruned,
                               *probe_sampling, "--seed", args.seed], log("prune"))
         run("probe evaluation", report,
