@@ -130,7 +130,7 @@ def test_bad_arguments_are_one_line_errors(vc2_dir, prompts_file, tmp_path):
     assert not (tmp_path / "o.safetensors").exists()
 
 
-def test_passes_measure_importance_again_on_the_smaller_model(vc2_dir, prompts_file, tmp_path):
+def test_passes_measure_importance_again_on_the_smaller_model(pruned, vc2_dir, prompts_file, tmp_path):
     out = tmp_path / "passes.safetensors"
     proc = run("prune.py", "--model", "vc2", "--teacher", vc2_dir, "--prompts", prompts_file, "--importance", "output",
                "--timesteps", "2", "--target-ratio", "0.6", "--passes", "3", "--out", out, *TINY_SAMPLING)
@@ -144,11 +144,8 @@ def test_passes_measure_importance_again_on_the_smaller_model(vc2_dir, prompts_f
     assert proc.stdout.count("prune: pass ") == 3 and "pass 3/3" in proc.stdout
     # the last pass stops within one layer of the target
     assert kept > 0.6 * full - max(r["params"] for r in rows if r["removed"] and r["pass"] == 3)
-    # one pass measures all candidates once on the unpruned model: the same first-pass table
-    one = tmp_path / "one.safetensors"
-    run("prune.py", "--model", "vc2", "--teacher", vc2_dir, "--prompts", prompts_file, "--importance", "output",
-        "--timesteps", "2", "--target-ratio", "0.6", "--out", one, *TINY_SAMPLING)
-    first = {r["layer"]: r["importance"] for r in json.loads(models.read_student_meta(str(one))["importance"])}
+    # pass 1 measures every candidate on the unpruned model, as the one-pass `pruned` fixture did (same settings)
+    first = {r["layer"]: r["importance"] for r in json.loads(models.read_student_meta(pruned)["importance"])}
     assert all(r["importance"] == pytest.approx(first[r["layer"]]) for r in rows if r["pass"] == 1)
     assert any(r["importance"] != pytest.approx(first[r["layer"]], rel=1e-3) for r in rows if r["pass"] == 3)
     proc = run("prune.py", "--model", "vc2", "--teacher", vc2_dir, "--prompts", prompts_file, "--passes", "0",
