@@ -1,5 +1,6 @@
 """toy/study.py and toy/sweep.py: the interval math on hand-made numbers, the paired differences."""
 import math
+import os
 
 import numpy as np
 import pytest
@@ -168,3 +169,26 @@ def test_guidance_error_compares_predictions_along_the_teachers_path(tmp_path, c
                                                                 "--seeds", "1"]))
     row = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith(f"| {path} |")]
     assert len(row) == 1 and float(row[0].split("|")[4]) == pytest.approx(errors[1]["guided"], rel=1e-3)
+
+
+def test_study_masks_keep_the_loops_temporal_convolutions(tmp_path, monkeypatch):
+    """Every prune.py call of the study's shared masks carries the toy family's --keep-temporal-convs (the
+    loop's pruning rule), so the study's arms and the shipped loop prune alike; one-shot takes round 2's mask."""
+    calls = []
+
+    def fake_step(name, out, argv, log):  # records the command and writes its output, as the real step would
+        calls.append([str(a) for a in argv])
+        os.makedirs(os.path.dirname(out), exist_ok=True)
+        with open(out, "w") as f:
+            f.write(name)
+
+    monkeypatch.setattr(study.online_loop, "run_step", fake_step)
+    masks = study.make_masks(str(tmp_path / "seed-0"), 0, [0.8, 0.6])
+    keep = str(models.get_family("toy").keep_temporal_convs)
+    assert keep == "1" and len(calls) == 3
+    for argv in calls:
+        i = argv.index("--keep-temporal-convs")
+        assert argv[0] == "prune.py" and argv[i + 1] == keep
+    assert [a[a.index("--target-ratio") + 1] for a in calls] == ["0.6", "0.8", "0.6"]
+    with open(os.path.join(masks, "oneshot", "pruned.safetensors")) as f:
+        assert f.read() == "masks: round 2"

@@ -126,19 +126,21 @@ def make_masks(seed_dir, seed, ratios):
     """Nested masks from one importance measurement on the teacher, laid out as a --masks-from dir.
 
     masks/importance.safetensors: prune.py on the teacher straight to the final ratio (its metadata
-    holds the importance table; toy/sweep.py makes the very same file for a seed); round 1 and round
-    2 are chosen from that table (round 2 from round 1's model), and one-shot takes round 2's mask."""
+    holds the importance table, measured as toy/sweep.py measures it for a seed); round 1 and round
+    2 are chosen from that table (round 2 from round 1's model), and one-shot takes round 2's mask.
+    Every mask keeps the toy family's last temporal convolutions, as the loop's pruning does."""
     masks = os.path.join(seed_dir, "masks")
     imp = os.path.join(masks, "importance.safetensors")
     r1, r2 = os.path.join(masks, "round-1", "pruned.safetensors"), os.path.join(masks, "round-2", "pruned.safetensors")
     log = lambda name: os.path.join(masks, "logs", f"{name}.log")
+    keep = ["--keep-temporal-convs", models.get_family("toy").keep_temporal_convs]  # the loop's rule, in every mask
     online_loop.run_step("masks: importance on the teacher", imp,
                          ["prune.py", "--model", "toy", "--prompts", online_loop.TOY_PROMPTS["probe"],
-                          "--target-ratio", ratios[-1], "--out", imp, "--seed", seed], log("importance"))
+                          "--target-ratio", ratios[-1], "--out", imp, "--seed", seed, *keep], log("importance"))
     online_loop.run_step("masks: round 1", r1, ["prune.py", "--model", "toy", "--importance-from", imp,
-                                                "--target-ratio", ratios[0], "--out", r1], log("round-1"))
+                                                "--target-ratio", ratios[0], "--out", r1, *keep], log("round-1"))
     online_loop.run_step("masks: round 2", r2, ["prune.py", "--model", "toy", "--student", r1, "--importance-from", imp,
-                                                "--target-ratio", ratios[1], "--out", r2], log("round-2"))
+                                                "--target-ratio", ratios[1], "--out", r2, *keep], log("round-2"))
     oneshot = os.path.join(masks, "oneshot", "pruned.safetensors")
     if not os.path.exists(oneshot):
         os.makedirs(os.path.dirname(oneshot), exist_ok=True)
