@@ -19,6 +19,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import socket
 import sys
 from dataclasses import dataclass, field
@@ -84,6 +85,31 @@ def quiet_libraries():
 
 
 # ----------------------------------------------------------------------------- 2. files
+_SWEPT = set()  # folders whose stale temporary files this process already removed
+_HOST = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]  # several hosts may share a folder
+
+
+def temporary_name(path):
+    """PATH's temporary sibling: ROOT.tmpPID-HOST.EXT (the extension kept: ffmpeg and safetensors look at it)."""
+    root, ext = os.path.splitext(str(path))
+    return f"{root}.tmp{os.getpid()}-{_HOST}{ext}"
+
+
+def remove_stale_temporaries(folder):
+    """Remove the temporary files (temporary_name) in `folder` of processes of this host that no longer
+    run (a SIGKILL skips atomic_path's cleanup); live processes' and other hosts' are left alone. Once per
+    folder per process."""
+    folder = os.path.abspath(folder)
+    if folder in _SWEPT:
+        return
+    _SWEPT.add(folder)
+    for name in os.listdir(folder):
+        m = re.fullmatch(r".+\.tmp(\d+)-" + _HOST + r"(\.[^./]*)?", name)
+        if m and int(m.group(1)) != os.getpid() and not pid_alive(int(m.group(1))):
+            with contextlib.suppress(OSError):
+                os.remove(os.path.join(folder, name))
+
+
 @contextlib.contextmanager
 def atomic_path(path):
     """Yield a temporary name beside `path`; rename it into place only if the block succeeds. A failed
@@ -91,8 +117,8 @@ def atomic_path(path):
     and an older `path` stays as it was."""
     path = str(path)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    root, ext = os.path.splitext(path)
-    tmp = f"{root}.tmp{os.getpid()}{ext}"  # keep the extension: ffmpeg and safetensors look at it
+    tmp = temporary_name(path)
+    remove_stale_temporaries(os.path.dirname(os.path.abspath(path)))
     try:
         yield tmp
         os.replace(tmp, path)

@@ -112,6 +112,25 @@ def test_atomic_write_leaves_nothing_on_failure(tmp_path):
     assert models.read_json(str(target)) == {"a": 1} and os.listdir(tmp_path) == ["out.json"]
 
 
+def test_atomic_write_removes_what_a_killed_writer_left(tmp_path):
+    """A SIGKILLed writer leaves its temporary file; the next write into the folder removes it, but not a
+    live process's nor another host's."""
+    import subprocess
+    import sys
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = tmp_path / os.path.basename(models.temporary_name(tmp_path / "a.safetensors")).replace(
+        f".tmp{os.getpid()}-", f".tmp{dead.pid}-")
+    live = tmp_path / os.path.basename(models.temporary_name(tmp_path / "b.json")).replace(
+        f".tmp{os.getpid()}-", f".tmp{os.getppid()}-")
+    other_host = tmp_path / f"c.tmp{dead.pid}-00000000.mp4"
+    for p in (stale, live, other_host):
+        p.write_text("partial")
+    models.write_json(str(tmp_path / "d.json"), {"x": 1})
+    assert sorted(os.listdir(tmp_path)) == sorted([live.name, other_host.name, "d.json"])
+
+
 def test_video_round_trip(tmp_path):
     frames = np.zeros((6, 16, 24, 3), np.uint8)
     for f in range(6):
