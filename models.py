@@ -386,6 +386,7 @@ class Family:
     eval_samples: int = 1     # the loop's eval videos a prompt
     sft_cfg: float = 0.0      # the loop's ReDPO SFT on the CFG-guided prediction at this scale (0 = conditional)
     keep_temporal_convs: int = 0  # the loop's pruning never removes the last N temporal convs (0 = no rule, the paper's)
+    train_layers: tuple = ("all",)  # the loop's ReDPO trainable layers a round (trainable_keys; the last for later rounds)
     default_teacher: str = ""
     unet_config: dict = field(default_factory=dict)
 
@@ -403,6 +404,7 @@ FAMILIES = {
     # chosen on the validation prompts (toy/RESULTS.md); 4 eval videos a prompt for stable means
     "toy": Family("toy", 32, 32, 8, 10, 6.0, 0.0, 8, 1e-4, 500.0, 2, 0.6, latent_factor=4,
                   train_steps=60, pairs_per_prompt=2, eval_samples=4, sft_cfg=6.0, keep_temporal_convs=1,
+                  train_layers=("temporal", "all"),
                   default_teacher=os.path.join(HERE, "toy", "teacher")),
 }
 
@@ -428,10 +430,18 @@ def build_meta_unet(family, config_dir=None):
         return UNet3DConditionModel(**config)
 
 
-def trainable_keys(family, unet):
-    """Names of the student's own tensors: the whole UNet, or only the motion modules (animatediff)."""
+TEMPORAL_PARTS = (".temp_convs.", ".temp_attentions.", "transformer_in.", ".motion_modules.")
+
+
+def trainable_keys(family, unet, layers="all"):
+    """Names of the student's own tensors: the whole UNet, or only the motion modules (animatediff); with
+    layers="temporal" only those of its temporal layers (temporal convs and transformers, transformer_in,
+    motion modules)."""
     keys = list(unet.state_dict().keys())
-    return [k for k in keys if ".motion_modules." in k] if family.trains_motion_only else keys
+    keys = [k for k in keys if ".motion_modules." in k] if family.trains_motion_only else keys
+    if layers not in ("all", "temporal"):
+        raise ValueError(f"layers={layers!r}")
+    return keys if layers == "all" else [k for k in keys if any(p in f".{k}" for p in TEMPORAL_PARTS)]
 
 
 def folded_params(family, unet):

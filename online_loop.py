@@ -83,8 +83,8 @@ def get_parser():
     p.add_argument("--rounds", type=int, default=0, help="online rounds K (0 = the paper's: vc2 2, animatediff 3)")
     p.add_argument("--final-ratio", type=float, default=0.0,
                    help="prunable parameters kept after the last round (0 = the paper's: vc2 0.638, animatediff 0.325)")
-    p.add_argument("--schedule", default="linear", choices=["linear", "geometric"],
-                   help="per-round budget: equal parameter cuts, or an equal fraction kept each round")
+    p.add_argument("--schedule", default="linear", choices=["linear", "geometric"], help="per-round budget: "
+                   "equal parameter cuts, or an equal fraction kept each round")
     p.add_argument("--no-online", action="store_true",
                    help="ablation: prune once to the final size and train once (--train-steps, as the last round)")
     p.add_argument("--loss", default="redpo", choices=["redpo", "dpo", "sft"], help="training loss (ablations)")
@@ -98,12 +98,12 @@ def get_parser():
                    help="SFT on the teacher's CFG-guided prediction at this scale (redpo.py --sft-cfg; 0 = on the "
                         "conditional one, the paper's; -1 = the family's: toy 6, chosen on validation, others 0)")
     p.add_argument("--train-steps", type=int, default=0, help="ReDPO optimizer steps per round (0 = toy 60, others 30)")
-    p.add_argument("--train-batch-size", type=int, default=4,
-                   help="pairs per ReDPO step and process (with --nproc N a step sees N times as many)")
-    p.add_argument("--lr", type=float, nargs="+", default=[], metavar="LR",
-                   help="ReDPO learning rate: one for every round, or one per round (the last for later rounds; "
-                        "one-shot trains at the final size with the last round's) (default: the family's, every "
-                        "round: toy 1e-4, vc2 6e-6, animatediff 1e-5)")
+    p.add_argument("--train-batch-size", type=int, default=4, help="pairs per ReDPO step and process (x --nproc)")
+    p.add_argument("--lr", type=float, nargs="+", default=[], metavar="LR", help="ReDPO learning rate: one for every "
+                   "round, or one per round (the last for later rounds; one-shot takes the last) (default: the "
+                   "family's, every round: toy 1e-4, vc2 6e-6, animatediff 1e-5)")
+    p.add_argument("--train-layers", nargs="+", default=[], choices=["all", "temporal"], help="what ReDPO trains "
+                   "(redpo.py): per round as --lr (default: toy temporal in round 1 and all later; others all)")
     p.add_argument("--samples-per-prompt", type=int, default=0,
                    help="pairs per curated prompt, each from its own seed (0 = toy 2, others 1)")
     p.add_argument("--importance", default="reward", choices=["reward", "output"], help="pruning importance")
@@ -328,10 +328,8 @@ def main(args):
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
-def round_lr(args, family, k):
-    """ReDPO's learning rate in online round k (1-based): --lr, else the family's; a list shorter than the
-    rounds repeats its last value."""
-    values = args.lr or [family.lr]
+def per_round(values, k):
+    """The value for online round k (1-based) of a per-round list; a list shorter than the rounds repeats its last."""
     return values[min(k, len(values)) - 1]
 
 
@@ -485,12 +483,14 @@ def loop(args, lock):
                 shutil.copyfile(pruned, student + ".tmp")
                 os.replace(student + ".tmp", student)
             else:
+                k_train = rounds_online if args.no_online else k  # one-shot trains with the last round's settings
                 run("redpo", student,
                     ["redpo.py", *base, "--student", pruned, "--pairs", kept, "--out", student, "--loss", args.loss,
                      "--beta", args.beta or family.beta, "--w-sft", args.w_sft, "--reference", args.reference,
                      "--uncond-prob", args.uncond_prob, "--sft-cfg", family.sft_cfg if args.sft_cfg < 0 else args.sft_cfg,
                      "--max-steps", steps, "--batch-size", args.train_batch_size,
-                     "--lr", round_lr(args, family, rounds_online if args.no_online else k), "--seed", args.seed,
+                     "--lr", per_round(args.lr or [family.lr], k_train), "--seed", args.seed,
+                     "--train-layers", per_round(args.train_layers or family.train_layers, k_train),
                      # real runs keep a training state every 100 steps: a rerun of the loop resumes inside ReDPO
                      *([] if toy else ["--save-every", 100])], log("redpo"), nproc=args.nproc)
         if args.eval_rounds == "all" or (args.eval_rounds == "last" and k == len(ratios)):

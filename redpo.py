@@ -61,6 +61,9 @@ def get_parser():
     p.add_argument("--reference", default="student0", choices=["teacher", "student0"],
                    help="DPO reference: the frozen initial student (Diffusion-DPO's convention; chosen on the toy's "
                         "validation prompts) or the frozen teacher M_0 (the paper's figure)")
+    p.add_argument("--train-layers", default="all", choices=["all", "temporal"],
+                   help="what trains: the whole student (animatediff: its motion modules) or only its temporal layers "
+                        "(temporal convs and transformers, transformer_in; the rest stays the pruned model's)")
     p.add_argument("--lr", type=float, default=0.0, help="AdamW learning rate (0 = the family's default)")
     p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
     p.add_argument("--warmup", type=int, default=10, help="linear warmup steps")
@@ -206,9 +209,10 @@ def checkpoint_blocks(unet):
         block.forward = (lambda f: lambda *a, **k: checkpoint(f, *a, use_reentrant=False, **k))(block.forward)
 
 
-def trainable_parameters(family, unet):
-    """Freeze everything but the student's own tensors (all of the UNet, or the motion modules)."""
-    names = set(models.trainable_keys(family, unet))
+def trainable_parameters(family, unet, layers="all"):
+    """Freeze everything but the student's own tensors (all of the UNet, or the motion modules), or with
+    layers="temporal" but their temporal layers."""
+    names = set(models.trainable_keys(family, unet, layers))
     unet.requires_grad_(False)
     params = [p for n, p in unet.named_parameters() if n in names]
     for p in params:
@@ -379,7 +383,7 @@ def main(args):
     teacher = models.load_teacher(family, args.teacher, args.motion_adapter, device, frozen)
     uncond = models.encode_prompts(teacher, [""]).to(device)  # (1, L, D): the empty prompt
     student, meta = models.load_model(teacher, args.student, torch.float32)  # float32 master weights
-    params = trainable_parameters(family, student)
+    params = trainable_parameters(family, student, args.train_layers)
     student.eval()  # dropout off (diffusers' temporal convs have 0.1): the student is compared with a
     #                 dropout-free reference, and L_DPO = log 2 must hold while they are equal
     reference = None
@@ -420,7 +424,8 @@ def main(args):
     t0, last = time.time(), time.time()
     if rank == 0:
         print(f"redpo: {n_pairs} pairs to train on ({len(held_idx)} held out), "
-              f"{sum(p.numel() for p in params):,} trainable parameters, loss={args.loss} beta={beta:g} "
+              f"{sum(p.numel() for p in params):,} trainable parameters ({args.train_layers} layers), "
+              f"loss={args.loss} beta={beta:g} "
               f"w_sft={args.w_sft} sft_cfg={args.sft_cfg:g} reference={args.reference} "
               f"uncond_prob={args.uncond_prob} lr={lr:g} "
               f"steps={args.max_steps} (~{args.max_steps * args.batch_size * args.grad_accum * world / n_pairs:.1f} "

@@ -132,10 +132,7 @@ def test_budgets_reach_the_final_ratio():
 
 
 def test_learning_rate_per_round():
-    import argparse
-
-    lr = lambda family, k, values=(): online_loop.round_lr(argparse.Namespace(lr=list(values)),  # noqa: E731
-                                                           models.get_family(family), k)
+    lr = lambda family, k, values=(): online_loop.per_round(list(values) or [models.get_family(family).lr], k)  # noqa: E731
     assert [lr("toy", k) for k in (1, 2, 3)] == [1e-4] * 3  # the family's default in every round
     assert [lr("vc2", k) for k in (1, 2)] == [6e-6, 6e-6] and lr("animatediff", 3) == 1e-5
     assert [lr("toy", k, [3e-5, 1e-4]) for k in (1, 2, 3)] == [3e-5, 1e-4, 1e-4]  # the last one repeats
@@ -178,6 +175,8 @@ def test_the_embedded_toy_loop_with_reduced_settings(tmp_path):
     assert trained["sft_cfg"] == models.get_family("toy").sft_cfg == 6.0  # the toy's guided SFT reaches redpo
     second = json.loads(models.read_student_meta(str(tmp_path / "work" / "round-2" / "student.safetensors"))["args"])
     assert (trained["lr"], second["lr"]) == (3e-5, 1e-4)  # --lr per round reaches each round's redpo
+    # the toy's default trains only the temporal layers in round 1, the whole UNet later
+    assert (trained["train_layers"], second["train_layers"]) == models.get_family("toy").train_layers == ("temporal", "all")
     pruned = models.read_student_meta(str(tmp_path / "work" / "round-2" / "pruned.safetensors"))
     assert json.loads(pruned["args"])["keep_temporal_convs"] == models.get_family("toy").keep_temporal_convs == 1
     assert sum(".temp_convs." in p for p in pruned["removed"]) <= 10  # the last of the 11 is never removed

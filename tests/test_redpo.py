@@ -187,6 +187,19 @@ def test_every_loss_option_trains(vc2_dir, pruned, pairs, tmp_path, flags):
     assert json.loads(models.read_student_meta(out)["args"])["loss"] == args.loss
 
 
+def test_train_layers_temporal_moves_only_temporal_layers(vc2_dir, pruned, pairs, tmp_path):
+    out = str(tmp_path / "s.safetensors")
+    redpo.main(redpo.get_parser().parse_args(["--model", "vc2", "--teacher", vc2_dir, "--student", pruned, "--pairs",
+                                              os.path.join(pairs[0], "pairs.jsonl"), "--out", out, "--max-steps", "2",
+                                              "--batch-size", "2", "--lr", "1e-3", "--train-layers", "temporal"]))
+    before = load_file(pruned)
+    moved = changed(before, out)
+    temporal = {k for k in before if any(p in f".{k}" for p in (".temp_convs.", ".temp_attentions.", ".transformer_in."))}
+    assert moved and set(moved) <= temporal and len(moved) > len(temporal) // 2  # the spatial layers stay the pruned model's
+    assert set(models.trainable_keys(models.get_family("vc2"), models.load_model(
+        models.load_teacher(models.get_family("vc2"), vc2_dir), pruned)[0], "temporal")) == temporal
+
+
 def test_animatediff_trains_only_motion_modules(animatediff_dirs, prompts_file, tmp_path):
     sd, adapter = animatediff_dirs
     common = ["--model", "animatediff", "--teacher", sd, "--motion-adapter", adapter]
