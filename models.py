@@ -386,7 +386,6 @@ class Family:
     eval_samples: int = 1     # the loop's eval videos a prompt
     sft_cfg: float = 0.0      # the loop's ReDPO SFT on the CFG-guided prediction at this scale (0 = conditional)
     keep_temporal_convs: int = 0  # the loop's pruning never removes the last N temporal convs (0 = no rule, the paper's)
-    train_layers: tuple = ("all",)  # the loop's ReDPO trainable layers a round (trainable_keys; the last for later rounds)
     default_teacher: str = ""
     unet_config: dict = field(default_factory=dict)
 
@@ -404,7 +403,6 @@ FAMILIES = {
     # chosen on the validation prompts (toy/RESULTS.md); 4 eval videos a prompt for stable means
     "toy": Family("toy", 32, 32, 8, 10, 6.0, 0.0, 8, 1e-4, 500.0, 2, 0.6, latent_factor=4,
                   train_steps=60, pairs_per_prompt=2, eval_samples=4, sft_cfg=6.0, keep_temporal_convs=1,
-                  train_layers=("temporal", "all"),
                   default_teacher=os.path.join(HERE, "toy", "teacher")),
 }
 

@@ -164,7 +164,8 @@ def test_the_embedded_toy_loop_with_reduced_settings(tmp_path):
     evalp.write_text("\n".join(world.eval_prompts()[:3]) + "\n")
     out = run("online_loop.py", "--work-dir", tmp_path / "work", "--eval-prompts", evalp, "--train-steps", "2",
               "--steps", "4", "--probe-steps", "2", "--num-probe", "2", "--probe-seeds", "1", "--max-pair-prompts", "4",
-              "--eval-samples", "1", "--no-filter", "--guard", "0.05", "--lr", "3e-5", "1e-4").stdout
+              "--eval-samples", "1", "--no-filter", "--guard", "0.05", "--lr", "3e-5", "1e-4",
+              "--train-layers", "temporal", "all").stdout
     assert "V.I.P. finished" in out and "| round-2 | student |" in out
     rows = models.read_json(str(tmp_path / "work" / "results.json"))["rows"]
     assert [r["model"] for r in rows] == ["teacher", "pruned", "student", "pruned", "student"]
@@ -175,8 +176,7 @@ def test_the_embedded_toy_loop_with_reduced_settings(tmp_path):
     assert trained["sft_cfg"] == models.get_family("toy").sft_cfg == 6.0  # the toy's guided SFT reaches redpo
     second = json.loads(models.read_student_meta(str(tmp_path / "work" / "round-2" / "student.safetensors"))["args"])
     assert (trained["lr"], second["lr"]) == (3e-5, 1e-4)  # --lr per round reaches each round's redpo
-    # the toy's default trains only the temporal layers in round 1, the whole UNet later
-    assert (trained["train_layers"], second["train_layers"]) == models.get_family("toy").train_layers == ("temporal", "all")
+    assert (trained["train_layers"], second["train_layers"]) == ("temporal", "all")  # --train-layers per round too
     pruned = models.read_student_meta(str(tmp_path / "work" / "round-2" / "pruned.safetensors"))
     assert json.loads(pruned["args"])["keep_temporal_convs"] == models.get_family("toy").keep_temporal_convs == 1
     assert sum(".temp_convs." in p for p in pruned["removed"]) <= 10  # the last of the 11 is never removed
