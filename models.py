@@ -116,9 +116,10 @@ def atomic_path(path):
     write (full disk, no permission) is a one-line UserError naming `path`; the temporary file is removed
     and an older `path` stays as it was."""
     path = str(path)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    remove_stale_temporaries(folder)
     tmp = temporary_name(path)
-    remove_stale_temporaries(os.path.dirname(os.path.abspath(path)))
     try:
         yield tmp
         os.replace(tmp, path)
