@@ -55,7 +55,8 @@ def get_parser():
                         "a-time importance cannot see (0 = no such rule, the paper's)")
     p.add_argument("--probe-seeds", type=int, default=2,
                    help="seed sets per probe prompt: importance is their mean; with 2 or more, the rank "
-                        "correlation of the first two sets' importances is reported (stability)")
+                        "correlation between the mean importances of the first and the second half of the sets is "
+                        "reported (stability; with 2, of sets 1 and 2)")
     p.add_argument("--importance-from", default="",
                    help="skip measuring: reuse the importance table stored in this prune.py checkpoint "
                         "(e.g. nested masks for several rounds from one measurement on the teacher)")
@@ -179,6 +180,22 @@ def importance(args, family, unet, teacher, cands, prompts, device):
     return base.mean().item(), table, by_set
 
 
+def halves(n):
+    """The seed sets split_half compares, as 1-based names: "1 and 2", "1-2 and 3-4", "1 and 2" for 3 sets."""
+    h = n // 2
+    name = lambda a, b: f"{a}" if a == b else f"{a}-{b}"
+    return f"{name(1, h)} and {name(h + 1, 2 * h)}"
+
+
+def split_half(by_set, layers):
+    """Spearman correlation between the layers' mean importances over the first half of the seed sets and
+    over the second half (an odd last set is left out): how stable a ranking from half the probe videos is."""
+    h = len(by_set[layers[0]]) // 2
+    first = [sum(by_set[p][:h]) / h for p in layers]
+    second = [sum(by_set[p][h:2 * h]) / h for p in layers]
+    return spearman(first, second)
+
+
 def kept_kinds(args):
     """select()'s {kind: layers never removed}."""
     return {"temp_convs": args.keep_temporal_convs} if args.keep_temporal_convs else {}
@@ -198,7 +215,7 @@ def passes(args, family, unet, teacher, cands, prompts, device, current, target,
         if j == 0:
             base = reward
             if args.probe_seeds >= 2:
-                stability = spearman([s[p][0] for p, _ in left], [s[p][1] for p, _ in left])
+                stability = split_half(s, [p for p, _ in left])
         now, current = select(left, t, current, share, fill=j == args.passes - 1, keep=kept_kinds(args))
         models.remove_layers(unet, now)
         table.update(t)
@@ -387,7 +404,8 @@ def main(args):
         print(f"{r['layer']:48s} {r['params']:12,d} {r['importance']:12.5f} {r['pass']:4d}  "
               f"{' '.join(f'{v:8.5f}' for v in r['by_seed_set'])}{'  removed' if r['removed'] else ''}")
     if stability is not None:
-        print(f"prune: rank correlation (Spearman) of the importances from seed sets 1 and 2: {stability:.3f} "
+        print(f"prune: rank correlation (Spearman) of the importances from seed sets "
+              f"{halves(args.probe_seeds)}: {stability:.3f} "
               f"({len(cands)} candidates, {len(prompts)} probe prompts, {models.sampling_settings(args, family)['steps']}"
               f" DDIM steps)")
     round_ = int(meta.get("round", 0)) + 1

@@ -81,6 +81,18 @@ def test_spearman_on_hand_made_rankings():
     assert prune.spearman([1, 1, 2], [1, 2, 3]) == pytest.approx(0.866025, abs=1e-5)  # ties share a rank
 
 
+def test_split_half_compares_the_means_of_the_two_halves_of_the_seed_sets():
+    two = {"a": [1.0, 3.0], "b": [2.0, 2.0], "c": [3.0, 1.0]}
+    assert prune.split_half(two, ["a", "b", "c"]) == pytest.approx(prune.spearman([1, 2, 3], [3, 2, 1]))  # sets 1, 2
+    # four sets: the halves' means are a 1.5 / 3.5, b 1.5 / 0, c 3 / 1; set-by-set the first two would agree
+    four = {"a": [1.0, 2.0, 3.0, 4.0], "b": [1.0, 2.0, 0.0, 0.0], "c": [3.0, 3.0, 1.0, 1.0]}
+    assert prune.split_half(four, ["a", "b", "c"]) == pytest.approx(prune.spearman([1.5, 1.5, 3], [3.5, 0, 1]))
+    assert prune.split_half(four, ["a", "b", "c"]) != pytest.approx(prune.spearman([1, 1, 3], [2, 2, 3]))
+    odd = {"a": [1.0, 2.0, 9.0], "b": [2.0, 1.0, -9.0]}  # an odd last set is left out
+    assert prune.split_half(odd, ["a", "b"]) == pytest.approx(-1.0)
+    assert (prune.halves(2), prune.halves(3), prune.halves(4)) == ("1 and 2", "1 and 2", "1-2 and 3-4")
+
+
 def test_output_importance_prunes_to_target(pruned, vc2_dir):
     meta = models.read_student_meta(pruned)
     teacher = models.load_teacher(models.get_family("vc2"), vc2_dir)
