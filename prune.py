@@ -236,6 +236,11 @@ def stored_importance(path, teacher, cands):
     models.check_student(path, models.read_student_meta(path), teacher)
     with safe_open(path, "pt") as f:
         rows = json.loads((f.metadata() or {}).get("importance", "[]"))
+    measured = max((r.get("pass", 1) for r in rows), default=1)
+    if measured > 1:  # rows of later passes were measured on models without the earlier passes' layers
+        raise models.UserError(f"{path}: its importance table comes from {measured} passes, each measured on the model "
+                               f"the earlier ones left, so one selection over it is not that run's mask; reuse the "
+                               f"mask with --layers-from")
     table = {r["layer"]: r["importance"] for r in rows}
     missing = [p for p, _ in cands if p not in table]
     if missing:

@@ -160,6 +160,11 @@ def test_passes_measure_importance_again_on_the_smaller_model(pruned, vc2_dir, p
     first = {r["layer"]: r["importance"] for r in json.loads(models.read_student_meta(pruned)["importance"])}
     assert all(r["importance"] == pytest.approx(first[r["layer"]]) for r in rows if r["pass"] == 1)
     assert any(r["importance"] != pytest.approx(first[r["layer"]], rel=1e-3) for r in rows if r["pass"] == 3)
+    # its table mixes the passes' models: reusing it for one selection is refused, its mask is not
+    proc = run("prune.py", "--model", "vc2", "--teacher", vc2_dir, "--importance-from", out, "--target-ratio", "0.6",
+               "--out", tmp_path / "reuse.safetensors", check=False)
+    assert proc.returncode == 2 and "3 passes" in proc.stderr and "--layers-from" in proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "reuse.safetensors").exists()
     proc = run("prune.py", "--model", "vc2", "--teacher", vc2_dir, "--prompts", prompts_file, "--passes", "0",
                "--target-ratio", "0.6", "--out", tmp_path / "bad.safetensors", check=False)
     assert proc.returncode == 2 and "--passes must be >= 1" in proc.stderr and not (tmp_path / "bad.safetensors").exists()
