@@ -116,7 +116,7 @@ def get_parser():
     p.add_argument("--max-pair-prompts", type=int, default=0,
                    help="curated prompts made into pairs per round (0 = all, the default)")
     p.add_argument("--num-probe", type=int, default=8, help="probe prompts used for pruning importance")
-    p.add_argument("--probe-seeds", type=int, default=2, help="seed sets per probe prompt for pruning importance")
+    p.add_argument("--probe-seeds", type=int, nargs="+", default=[2, 4], help="importance seed sets, per round as --lr (2 4)")
     p.add_argument("--keep-temporal-convs", type=int, default=-1, metavar="N", help="pruning never removes the last "
                    "N temporal convs (prune.py's; -1 = the family's: toy 1, chosen on validation, others 0, the paper's)")
     p.add_argument("--masks-from", default="",
@@ -453,8 +453,8 @@ def loop(args, lock):
                 raise models.UserError(f"--masks-from {args.masks_from}: no {name}/pruned.safetensors there")
             how = ["--layers-from", mask]
         else:
-            how = ["--prompts", probe, "--num-prompts", args.num_probe, "--probe-seeds", args.probe_seeds, "--importance",
-                   args.importance, "--keep-temporal-convs", keep_convs, *scorer, "--target-ratio", ratio]
+            how = ["--prompts", probe, "--num-prompts", args.num_probe, "--probe-seeds", per_round(args.probe_seeds, k),
+                   "--importance", args.importance, "--keep-temporal-convs", keep_convs, *scorer, "--target-ratio", ratio]
         run("prune", pruned, ["prune.py", *base, *(["--student", previous] if previous else []), *how, "--out", pruned,
                               *probe_sampling, "--seed", args.seed], log("prune"))
         run("probe evaluation", report,

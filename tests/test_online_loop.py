@@ -163,7 +163,7 @@ def test_the_embedded_toy_loop_with_reduced_settings(tmp_path):
     evalp = tmp_path / "eval.txt"
     evalp.write_text("\n".join(world.eval_prompts()[:3]) + "\n")
     out = run("online_loop.py", "--work-dir", tmp_path / "work", "--eval-prompts", evalp, "--train-steps", "2",
-              "--steps", "4", "--probe-steps", "2", "--num-probe", "2", "--probe-seeds", "1", "--max-pair-prompts", "4",
+              "--steps", "4", "--probe-steps", "2", "--num-probe", "2", "--probe-seeds", "1", "2", "--max-pair-prompts", "4",
               "--eval-samples", "1", "--no-filter", "--guard", "0.05", "--lr", "3e-5", "1e-4",
               "--train-layers", "temporal", "all").stdout
     assert "V.I.P. finished" in out and "| round-2 | student |" in out
@@ -179,6 +179,9 @@ def test_the_embedded_toy_loop_with_reduced_settings(tmp_path):
     assert (trained["train_layers"], second["train_layers"]) == ("temporal", "all")  # --train-layers per round too
     pruned = models.read_student_meta(str(tmp_path / "work" / "round-2" / "pruned.safetensors"))
     assert json.loads(pruned["args"])["keep_temporal_convs"] == models.get_family("toy").keep_temporal_convs == 1
+    first = models.read_student_meta(str(tmp_path / "work" / "round-1" / "pruned.safetensors"))
+    assert (json.loads(first["args"])["probe_seeds"], json.loads(pruned["args"])["probe_seeds"]) == (1, 2)  # per round
+    assert len(json.loads(pruned["importance"])[0]["by_seed_set"]) == 2
     assert sum(".temp_convs." in p for p in pruned["removed"]) <= 10  # the last of the 11 is never removed
     summary = models.read_json(str(tmp_path / "work" / "round-1" / "pairs" / "filtered.json"))
     assert summary["guard"] == 0.05 and "winner_worse_on_a_dim" in summary["counts"]  # --guard reaches the filter
