@@ -102,7 +102,7 @@ def get_parser():
     p.add_argument("--lr", type=float, nargs="+", default=[], metavar="LR", help="ReDPO learning rate: one for every "
                    "round, or one per round (the last for later rounds; one-shot takes the last) (default: the "
                    "family's, every round: toy 1e-4, vc2 6e-6, animatediff 1e-5)")
-    p.add_argument("--train-layers", nargs="+", default=[], choices=["all", "temporal"], help="what ReDPO trains "
+    p.add_argument("--train-layers", nargs="+", default=["all"], choices=["all", "temporal"], help="what ReDPO trains "
                    "(redpo.py): one for every round or one per round, as --lr (default: all; toy/RESULTS.md)")
     p.add_argument("--samples-per-prompt", type=int, default=0,
                    help="pairs per curated prompt, each from its own seed (0 = toy 2, others 1)")
@@ -490,7 +490,7 @@ def loop(args, lock):
                      "--uncond-prob", args.uncond_prob, "--sft-cfg", family.sft_cfg if args.sft_cfg < 0 else args.sft_cfg,
                      "--max-steps", steps, "--batch-size", args.train_batch_size,
                      "--lr", per_round(args.lr or [family.lr], k_train), "--seed", args.seed,
-                     "--train-layers", per_round(args.train_layers or ["all"], k_train),
+                     "--train-layers", per_round(args.train_layers, k_train),
                      # real runs keep a training state every 100 steps: a rerun of the loop resumes inside ReDPO
                      *([] if toy else ["--save-every", 100])], log("redpo"), nproc=args.nproc)
         if args.eval_rounds == "all" or (args.eval_rounds == "last" and k == len(ratios)):
