@@ -17,8 +17,13 @@ what the judge sees in the eval videos (color, shape and speed correct; the meas
 runs with the loop's defaults (pairs, steps, loss settings) unless --loop-args says otherwise; --leave-out
 makes a smaller study (those arms are neither run nor reported, nor the differences that need them).
 
-    OMP_NUM_THREADS=1 python toy/study.py --seeds 0 2 4 &  OMP_NUM_THREADS=1 python toy/study.py --seeds 1 3 &
-    python toy/study.py --seeds 0 1 2 3 4 --gather            # the tables, into toy/RESULTS.md's study section
+    python toy/study.py --seeds 0 1 2 3 4 --jobs 2            # the study, two units of work at a time
+    python toy/study.py --seeds 0 1 2 3 4 --gather            # the tables, into toy/STUDY.md
+
+--jobs N runs the study as a queue of units (a seed's masks, each arm, its evaluation), N processes of one
+thread at a time, each unit as soon as what it reads is finished (an arm after the masks and the arm whose data
+it copies; the evaluation after every arm), the longest remaining chain first; each unit's output goes to
+WORK_DIR/logs/seed-S-UNIT.log. So the cores stay busy to the end instead of waiting on the last seed.
 
 --loops DIR... gathers finished `online_loop.py --seed S --work-dir DIR` runs instead (the loop as shipped, one
 seed a dir): per round, the trained student against its own pruned start, paired over the runs.
@@ -30,6 +35,7 @@ import platform
 import re
 import shlex
 import shutil
+import subprocess
 import sys
 import time
 
@@ -72,6 +78,10 @@ def get_parser():
     p.add_argument("--work-dir", default="runs/study", help="where every run lives")
     p.add_argument("--gather", action="store_true", help="only gather finished seeds into --out")
     p.add_argument("--masks-only", action="store_true", help="only compute the seeds' pruning masks")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="units of work run at a time, each a process (2 on a 2-core machine, OMP_NUM_THREADS=1)")
+    p.add_argument("--no-evaluate", action="store_true", help="train the arms but leave the seed's evaluation to a "
+                   "later run (--jobs runs each seed's evaluation as a unit of its own)")
     p.add_argument("--arms", nargs="*", default=list(ARMS), metavar="ARM",
                    help="run only these arms (the evaluation runs once every arm of a seed is trained)")
     p.add_argument("--leave-out", nargs="+", default=[], metavar="ARM",
@@ -200,6 +210,8 @@ def run_seed(args, seed):
         online_loop.main(online_loop.get_parser().parse_args([str(a) for a in argv]))
         print(f"##### seed {seed}: {name} done in {time.time() - t0:.0f}s", flush=True)
     # every model of the seed in one evaluation: the same eval prompts, the same initial noise
+    if args.no_evaluate:
+        return
     if not all(os.path.exists(final(seed_dir, n)) for n in arms):
         print(f"##### seed {seed}: not every arm is trained yet; evaluation left for a later run")
         return
@@ -213,6 +225,92 @@ def run_seed(args, seed):
                           os.path.join(seed_dir, "eval"), "--seed", seed, "--latency-repeats", 1, "--batch-size", 16,
                           *args.eval_args.split()],
                          os.path.join(seed_dir, "logs", "evaluate.log"))
+
+
+# ----------------------------------------------------------------------------- a queue of units over the cores
+# One core's seconds per unit on the toy (runs/study-k1, seed 0, two processes on 2 cores), for the order only.
+UNIT_SECONDS = {"masks": 270, "SFT one-shot": 180, "ReDPO one-shot": 65, "SFT online": 380,
+                "V.I.P. (ReDPO online)": 205, "DPO online (no SFT term)": 165, "evaluate": 280}
+
+
+def units(args):
+    """The study as {(seed, unit): the units it waits for}: per seed the masks, each arm of the study that
+    --arms asks for, then the evaluation. An arm waits for the masks and for the arm whose data it copies (SHARE;
+    SFT online for SFT one-shot's teacher videos), so no unit reads what another is still writing."""
+    arms = [n for n in study_arms(args) if n in args.arms]
+    jobs = {}
+    for s in args.seeds:
+        jobs[(s, "masks")] = []
+        if args.masks_only:
+            continue
+        for name in arms:
+            first = SHARE.get(name, "SFT one-shot")
+            jobs[(s, name)] = [(s, "masks"), *([(s, first)] if first in arms and first != name else [])]
+        jobs[(s, "evaluate")] = [(s, n) for n in arms] or [(s, "masks")]
+    return jobs
+
+
+def unit_argv(args, seed, unit):
+    """This script's command line that runs one unit."""
+    argv = [sys.executable, os.path.abspath(__file__), "--seeds", str(seed), "--work-dir", os.path.abspath(args.work_dir),
+            "--ratios", *map(str, args.ratios), "--eval-samples", str(args.eval_samples), f"--loop-args={args.loop_args}",
+            f"--eval-args={args.eval_args}", *(["--leave-out", *args.leave_out] if args.leave_out else []),
+            *(["--eval-starts"] if args.eval_starts else [])]
+    if unit == "masks":
+        return argv + ["--masks-only"]
+    return argv + (["--arms"] if unit == "evaluate" else ["--arms", unit, "--no-evaluate"])
+
+
+def run_jobs(args, argv_of=unit_argv):
+    """Run units(args), --jobs at a time (processes; their output in WORK_DIR/logs/seed-S-UNIT.log), each once its
+    prerequisites are done, the one heading the longest remaining chain first. A unit that fails stops the
+    queue (the running ones finish) and is a one-line error naming its log."""
+    jobs = units(args)
+    after = {u: [v for v, deps in jobs.items() if u in deps] for u in jobs}
+    chain = {}
+
+    def longest(u):  # seconds from u's start to the end of the longest chain through it
+        if u not in chain:
+            chain[u] = UNIT_SECONDS.get(u[1], 60) + max([longest(v) for v in after[u]], default=0)
+        return chain[u]
+
+    logs = os.path.join(args.work_dir, "logs")
+    os.makedirs(logs, exist_ok=True)
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "PYTHONUNBUFFERED": "1"}
+    pending, running, done, failed, t0 = dict(jobs), {}, set(), [], time.time()
+    stamp = lambda: f"[{(time.time() - t0) / 60:5.1f} min]"
+    try:
+        while running or (pending and not failed):
+            ready = sorted((u for u, deps in pending.items() if all(d in done for d in deps)),
+                           key=lambda u: (-longest(u), u))
+            for u in ready[:max(0, args.jobs - len(running)) if not failed else 0]:
+                del pending[u]
+                log_path = os.path.join(logs, f"seed-{u[0]}-{slug(u[1])}.log")
+                log = open(log_path, "w")
+                proc = subprocess.Popen(argv_of(args, *u), stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+                running[u] = (proc, log, log_path, time.time())
+                print(f"{stamp()} seed {u[0]}: {u[1]} started ({len(running)} running, {len(pending)} waiting)",
+                      flush=True)
+            time.sleep(0.2)
+            for u, (proc, log, log_path, t) in list(running.items()):
+                if proc.poll() is None:
+                    continue
+                log.close()
+                del running[u]
+                if proc.returncode == 0:
+                    done.add(u)
+                    print(f"{stamp()} seed {u[0]}: {u[1]} done in {time.time() - t:.0f}s", flush=True)
+                else:
+                    failed.append(f"seed {u[0]}: {u[1]} failed with exit code {proc.returncode}; its log is {log_path}")
+                    print(f"{stamp()} {failed[-1]}", flush=True)
+    finally:  # Ctrl-C or an error here: no unit is left running
+        for proc, log, _, _ in running.values():
+            proc.terminate()
+            proc.wait()
+            log.close()
+    if failed:
+        raise models.UserError(failed[0] + (f" (and {len(failed) - 1} more)" if len(failed) > 1 else ""))
+    print(f"{stamp()} all {len(jobs)} units done ({args.jobs} at a time)", flush=True)
 
 
 # ----------------------------------------------------------------------------- gathering
@@ -335,15 +433,21 @@ def main(args):
         print(text)
         return
     study_arms(args)  # misspelt arm names stop here, before any work
-    if args.masks_only:
+    if args.jobs < 1:
+        raise models.UserError(f"--jobs must be at least 1 (got {args.jobs})")
+    if args.gather:
+        pass
+    elif args.jobs > 1:
+        run_jobs(args)
+    elif args.masks_only:
         for seed in args.seeds:
             make_masks(os.path.join(os.path.abspath(args.work_dir), f"seed-{seed}"), seed, args.ratios)
-        return
-    if not args.gather:
+    else:
         for seed in args.seeds:
             run_seed(args, seed)
-        if not all(os.path.exists(os.path.join(args.work_dir, f"seed-{s}", "eval", "report.json")) for s in args.seeds):
-            return
+    reports = [os.path.join(args.work_dir, f"seed-{s}", "eval", "report.json") for s in args.seeds]
+    if args.masks_only or not args.gather and not all(os.path.exists(r) for r in reports):
+        return
     table, diffs, summary = gather(args)
     text = (f"# The toy study (paired over seeds)\n\nMade by `python toy/study.py {shlex.join(sys.argv[1:])}` on "
             f"{datetime.date.today()} ({platform.machine()}, {os.cpu_count()} CPU cores, torch "
