@@ -192,3 +192,45 @@ def test_study_masks_keep_the_loops_temporal_convolutions(tmp_path, monkeypatch)
     assert [a[a.index("--target-ratio") + 1] for a in calls] == ["0.6", "0.8", "0.6"]
     with open(os.path.join(masks, "oneshot", "pruned.safetensors")) as f:
         assert f.read() == "masks: round 2"
+
+
+def test_the_job_queue_runs_each_unit_after_what_it_reads_and_no_more_than_jobs_at_once(tmp_path):
+    """--jobs: real processes (each unit here a short python that records when it ran); no unit starts before
+    its prerequisites end, at most --jobs run at once, and every unit runs once. A failing unit stops the queue:
+    what waits on it never starts, and the error is one line naming the unit's log."""
+    import sys
+
+    record = tmp_path / "record.txt"
+
+    def argv_of(args, seed, unit):
+        fail = "raise SystemExit(3)" if (seed, unit) == args.fail else "pass"
+        return [sys.executable, "-c", f"import time; t = time.time(); time.sleep(0.15); {fail}\n"
+                f"open({str(record)!r}, 'a').write(f'{seed}|{unit}|{{t}}|{{time.time()}}\\n')"]
+
+    args = study.get_parser().parse_args(["--seeds", "0", "1", "--jobs", "2", "--work-dir", str(tmp_path / "w")])
+    args.fail = None
+    jobs = study.units(args)
+    assert jobs[(0, "V.I.P. (ReDPO online)")] == [(0, "masks"), (0, "SFT online")]  # it copies SFT online's data
+    assert jobs[(1, "SFT online")] == [(1, "masks"), (1, "SFT one-shot")]  # and SFT one-shot's teacher videos
+    assert set(jobs[(1, "evaluate")]) == {(1, n) for n in study.ARMS}
+    study.run_jobs(args, argv_of)
+    runs = {}
+    for line in record.read_text().splitlines():
+        seed, unit, start, end = line.split("|")
+        assert (int(seed), unit) not in runs  # each unit once
+        runs[(int(seed), unit)] = (float(start), float(end))
+    assert set(runs) == set(jobs) and len(jobs) == 2 * (len(study.ARMS) + 2)
+    for u, deps in jobs.items():
+        assert all(runs[d][1] <= runs[u][0] for d in deps), u
+    moments = sorted(t for start, _ in runs.values() for t in (start + 1e-4,))
+    assert max(sum(s <= t < e for s, e in runs.values()) for t in moments) == 2  # two at a time, never three
+    assert os.path.exists(tmp_path / "w" / "logs" / "seed-1-v-i-p-redpo-online.log")
+
+    record.unlink()
+    args.fail = (0, "SFT online")
+    with pytest.raises(models.UserError, match=r"seed 0: SFT online failed with exit code 3; its log is .*seed-0-sft-online\.log"):
+        study.run_jobs(args, argv_of)
+    ran = {tuple(line.split("|")[:2]) for line in record.read_text().splitlines()}
+    assert ("0", "V.I.P. (ReDPO online)") not in ran and ("0", "evaluate") not in ran
+    with pytest.raises(models.UserError, match="--jobs must be at least 1"):
+        study.main(study.get_parser().parse_args(["--jobs", "0"]))
