@@ -144,13 +144,18 @@ def test_guidance_error_compares_predictions_along_the_teachers_path(tmp_path, c
     errors = guidance_error.path_errors(teacher, [copy.deepcopy(teacher.unet), student], prompts, seeds=1)
     assert errors[0] == {"cond": 0.0, "uncond": 0.0, "guided": 0.0}
     assert all(v > 0 for v in errors[1].values()) and errors[1]["guided"] != errors[1]["cond"]
-    one_step = lambda: guidance_error.path_errors(teacher, [student], prompts, seeds=1)[0]  # noqa: E731
+    # --path own: the teacher's copy walks the teacher's path (0 again); the perturbed student walks its own
+    own = guidance_error.path_errors(teacher, [copy.deepcopy(teacher.unet), student], prompts, seeds=1, own=True)
+    assert own[0] == {"cond": 0.0, "uncond": 0.0, "guided": 0.0}
+    assert all(v > 0 for v in own[1].values()) and own[1]["guided"] != pytest.approx(errors[1]["guided"], rel=1e-6)
+    one_step = lambda own=False: guidance_error.path_errors(teacher, [student], prompts, seeds=1, own=own)[0]  # noqa: E731
     steps = fam.steps
-    try:  # one DDIM step: the guided error by hand from the two branches at x_T
+    try:  # one DDIM step: the guided error by hand from the two branches at x_T (where both paths start)
         object.__setattr__(fam, "steps", 1)
-        got = one_step()
+        got, got_own = one_step(), one_step(own=True)
     finally:
         object.__setattr__(fam, "steps", steps)
+    assert got_own == pytest.approx(got, rel=1e-6)
     x = models.seeded_noise([11 * 100_000 + i for i in range(2)], models.latent_shape(teacher, fam.frames, fam.height,
                                                                                          fam.width))
     teacher.scheduler.set_timesteps(1)

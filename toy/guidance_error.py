@@ -6,7 +6,9 @@ same x_t: conditional eps(c), unconditional eps(0), and guided eps(0) + cfg (eps
 the sampler follows. Prints mean squared differences over the path (all steps, all prompts and seeds).
 A student can come closer to the teacher in eps(c) and eps(0) taken apart while its guided prediction,
 which CFG extrapolates from their difference (x cfg), moves away: this is what the toy's plain SFT did
-(toy/RESULTS.md).
+(toy/RESULTS.md). With --path own each student follows its own DDIM path instead and is compared with the
+teacher's predictions on the states it visits itself: training on noised teacher videos can bring a student
+closer on the teacher's path and not on its own (exposure bias), which is the path its samples come from.
 
     python toy/guidance_error.py --students runs/vip/round-1/pruned.safetensors runs/vip/round-1/student.safetensors \\
         --prompts toy/prompts/val.txt --seeds 2
@@ -31,13 +33,15 @@ def get_parser():
     p.add_argument("--prompts", default=os.path.join(HERE, "prompts", "val.txt"), help="prompt file")
     p.add_argument("--seeds", type=int, default=2, help="initial noises a prompt")
     p.add_argument("--seed", type=int, default=11, help="first noise seed")
+    p.add_argument("--path", default="teacher", choices=["teacher", "own"],
+                   help="whose DDIM path the predictions are compared on: the teacher's, or each student's own")
     return p
 
 
 @torch.no_grad()
-def path_errors(teacher, students, prompts, seeds, seed0=11):
+def path_errors(teacher, students, prompts, seeds, seed0=11, own=False):
     """{student index: {"cond", "uncond", "guided"}}: mean |eps_student - eps_teacher|^2 along the teacher's
-    DDIM path (eta 0) from seeds seed0.. for every prompt."""
+    DDIM path (eta 0) from seeds seed0.. for every prompt, or (own) along each student's own path."""
     fam = teacher.family
     cond, uncond = models.encode_prompts(teacher, prompts), models.encode_prompts(teacher, [""])
     n = len(prompts)
@@ -48,18 +52,23 @@ def path_errors(teacher, students, prompts, seeds, seed0=11):
     sums = {i: {"cond": 0.0, "uncond": 0.0, "guided": 0.0} for i in range(len(students))}
     for s in range(seeds):
         x = models.seeded_noise([(seed0 + s) * 100_000 + i for i in range(n)], shape)  # (n, C, F, h, w)
+        xs = [x] * len(students)  # each student's state on its own path (own), else unused
         for i, t in enumerate(steps):
             tt = torch.full((2 * n,), t, dtype=torch.long)
+            prev = steps[i + 1] if i + 1 < len(steps) else -1
 
-            def predict(unet):  # (uncond, cond, guided), each (n, C, F, h, w)
+            def predict(unet, x):  # (uncond, cond, guided), each (n, C, F, h, w)
                 e_u, e_c = models.predict_noise(fam, unet, torch.cat([x, x]), tt, emb).float().chunk(2)
                 return e_u, e_c, models.guide(e_u, e_c, fam.cfg)
 
-            ref = predict(teacher.unet)
+            ref = predict(teacher.unet, x)
             for k, unet in enumerate(students):
-                for name, a, b in zip(("uncond", "cond", "guided"), predict(unet), ref):
+                mine = predict(unet, xs[k] if own else x)
+                theirs = predict(teacher.unet, xs[k]) if own else ref
+                for name, a, b in zip(("uncond", "cond", "guided"), mine, theirs):
                     sums[k][name] += (a - b).pow(2).mean().item() / (len(steps) * seeds)
-            prev = steps[i + 1] if i + 1 < len(steps) else -1
+                if own:
+                    xs[k] = models.ddim_step(fam, teacher.scheduler, xs[k], mine[2], t, prev)
             x = models.ddim_step(fam, teacher.scheduler, x, ref[2], t, prev)  # the teacher's own path
     return sums
 
@@ -71,8 +80,9 @@ def main(args):
     prompts = models.read_prompts(args.prompts)
     teacher = models.load_teacher(fam, args.teacher, device="cpu", dtype=torch.float32)
     students = [models.load_model(teacher, path, torch.float32)[0].eval() for path in args.students]
-    errors = path_errors(teacher, students, prompts, args.seeds, args.seed)
-    print(f"along the teacher's DDIM path ({fam.steps} steps, CFG {fam.cfg:g}), {len(prompts)} prompts x {args.seeds} "
+    errors = path_errors(teacher, students, prompts, args.seeds, args.seed, own=args.path == "own")
+    where = "each student's own DDIM path" if args.path == "own" else "the teacher's DDIM path"
+    print(f"along {where} ({fam.steps} steps, CFG {fam.cfg:g}), {len(prompts)} prompts x {args.seeds} "
           f"noises of {args.prompts}: mean |eps_student - eps_teacher|^2")
     print("| student | cond | uncond | guided |\n|---|---|---|---|")
     for path, e in zip(args.students, errors.values()):
