@@ -58,6 +58,8 @@ def get_parser():
                    help="SFT on the guided prediction eps(0) + w (eps(c) - eps(0)) at this CFG scale w, the noise "
                         "estimate the sampler follows (0 = on the conditional prediction alone; needs "
                         "--sft-target teacher)")
+    p.add_argument("--sft-on", default="winners", choices=["winners", "both"],
+                   help="SFT on the winners (the paper's) or on both: the losers are the student's own samples")
     p.add_argument("--reference", default="student0", choices=["teacher", "student0"],
                    help="DPO reference: the frozen initial student (Diffusion-DPO's convention; chosen on the toy's "
                         "validation prompts) or the frozen teacher M_0 (the paper's figure)")
@@ -98,6 +100,7 @@ def redpo_loss_reference(eps_theta, eps_ref, eps, beta=5000.0, w_sft=1.0, loss_t
     eps_theta, eps_ref, eps: (2B, C, F, H, W), winners first. eps_teacher_w: the teacher's prediction
     on the winners when the reference is not the teacher (None = eps_ref's winners). eps_theta_sft: the
     student's winner prediction the SFT term compares (None = eps_theta's winners; --sft-cfg: the guided one).
+    With --sft-on both the last two hold 2B rows, [winners; losers]: a pair's SFT term is their mean.
     """
     B = eps_theta.shape[0] // 2
     eps_theta_w, eps_theta_l = eps_theta[:B], eps_theta[B:]
@@ -122,6 +125,8 @@ def redpo_loss_reference(eps_theta, eps_ref, eps, beta=5000.0, w_sft=1.0, loss_t
         target_w = eps_w
     pred_w = eps_theta_w if eps_theta_sft is None else eps_theta_sft
     L_sft = (pred_w - target_w).pow(2).mean(dim=all_but_batch)
+    if len(L_sft) == 2 * B:  # SFT on both members: a pair's term is the mean of its winner's and loser's
+        L_sft = (L_sft[:B] + L_sft[B:]) / 2
 
     # L_ReDPO = L_DPO + w_sft * L_SFT, averaged over the batch
     if loss_type == "redpo":
@@ -153,7 +158,7 @@ def redpo_loss(eps_theta, eps_ref, eps, beta=5000.0, w_sft=1.0, loss_type="redpo
     else:
         target_w = eps[:B]
     pred_w = eps_theta[:B] if eps_theta_sft is None else eps_theta_sft.float()
-    L_sft = (pred_w - target_w).pow(2).flatten(1).mean(1)  # (B,)
+    L_sft = (pred_w - target_w).pow(2).flatten(1).mean(1).view(-1, B).mean(0)  # (B,): on both members, their mean
     per_sample = {"redpo": L_dpo + w_sft * L_sft, "dpo": L_dpo, "sft": L_sft}[loss_type]
     stats = {"dpo": L_dpo.mean().detach(), "sft": L_sft.mean().detach(),
              "implicit_acc": (inside > 0).float().mean().detach(), "margin": inside.mean().detach(),
@@ -232,7 +237,8 @@ def train_step(family, scheduler, student, teacher_unet, reference, batch, args,
     noise (B, C, F, h, w), drawn by the caller (the seeded stream of `draw_batch`).
     With --sft-cfg w > 0 (needs `uncond`, the empty prompt's (1, L, D) embedding) the student and the
     teacher also see the winners with the empty prompt (in the same forwards), and SFT compares their
-    guided predictions eps(0) + w * (eps(c) - eps(0)), the noise estimate a CFG-w sampler follows."""
+    guided predictions eps(0) + w * (eps(c) - eps(0)), the noise estimate a CFG-w sampler follows.
+    With --sft-on both, "the winners" of the SFT term are the first m = 2B rows, winners and losers."""
     x0_w, x0_l, emb, t, eps = batch
     B = x0_w.shape[0]
     w_cfg = getattr(args, "sft_cfg", 0.0)
@@ -243,28 +249,29 @@ def train_step(family, scheduler, student, teacher_unet, reference, batch, args,
     x_t = models.add_noise(family, scheduler, x0, eps, t, not args.no_x0_rescale)
     emb2 = torch.cat([emb, emb])                                     # (2B, L, D)
     # with guided SFT the winners come once more, with the empty prompt: inputs (3B, ...) / teacher's (2B, ...)
+    m = 2 * B if getattr(args, "sft_on", "winners") == "both" else B  # the SFT term's members: x_t[:m]
     x_s, t_s, emb_s = x_t, t, emb2
-    x_tw, t_w, emb_w = x_t[:B], t[:B], emb
+    x_tw, t_w, emb_w = x_t[:m], t[:m], emb2[:m]
     if guided:
-        u = uncond.to(emb.dtype).expand_as(emb)                      # (B, L, D)
-        x_s, t_s, emb_s = torch.cat([x_t, x_t[:B]]), torch.cat([t, t[:B]]), torch.cat([emb2, u])
-        x_tw, t_w, emb_w = torch.cat([x_t[:B]] * 2), torch.cat([t[:B]] * 2), torch.cat([emb, u])
+        u = uncond.to(emb.dtype).expand_as(emb2[:m])                 # (m, L, D)
+        x_s, t_s, emb_s = torch.cat([x_t, x_t[:m]]), torch.cat([t, t[:m]]), torch.cat([emb2, u])
+        x_tw, t_w, emb_w = torch.cat([x_t[:m]] * 2), torch.cat([t[:m]] * 2), torch.cat([emb2[:m], u])
     with torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=use_bf16):
         with torch.no_grad():
             if reference is None:  # the teacher is both the DPO reference and the SFT target
                 eps_ref = models.predict_noise(family, teacher_unet, x_s, t_s, emb_s)
                 # the SFT target: its guided parts, or (None) eps_ref's winners
-                eps_teacher_w = torch.cat([eps_ref[:B], eps_ref[2 * B:]]) if guided else None
+                eps_teacher_w = torch.cat([eps_ref[:m], eps_ref[2 * B:]]) if guided else eps_ref[:m]
                 eps_ref = eps_ref[:2 * B]
             else:  # DPO against the initial student; SFT on the teacher, which it needs on the winners only
                 eps_ref = models.predict_noise(family, reference, x_t, t, emb2)
-                eps_teacher_w = models.predict_noise(family, teacher_unet, x_tw, t_w, emb_w)  # (B or 2B, C, F, h, w)
+                eps_teacher_w = models.predict_noise(family, teacher_unet, x_tw, t_w, emb_w)  # (m or 2m, C, F, h, w)
         eps_theta = models.predict_noise(family, student, x_s, t_s, emb_s)
     beta = args.beta or family.beta  # 0 = the family default
-    eps_theta_sft = None
+    eps_theta_sft = eps_theta[:m]
     if guided:  # eps(0) + w (eps(c) - eps(0)) for the student and the teacher, in float32
-        eps_theta_sft = models.guide(eps_theta[2 * B:].float(), eps_theta[:B].float(), w_cfg)
-        eps_teacher_w = models.guide(eps_teacher_w[B:].float(), eps_teacher_w[:B].float(), w_cfg)
+        eps_theta_sft = models.guide(eps_theta[2 * B:].float(), eps_theta[:m].float(), w_cfg)
+        eps_teacher_w = models.guide(eps_teacher_w[m:].float(), eps_teacher_w[:m].float(), w_cfg)
         eps_theta = eps_theta[:2 * B]
     return loss_fn(eps_theta, eps_ref, eps, beta, args.w_sft, args.loss, args.sft_target, eps_teacher_w,
                    eps_theta_sft)
@@ -370,6 +377,8 @@ def main(args):
     use_bf16 = frozen == torch.bfloat16
     if not 0 <= args.uncond_prob <= 1:
         raise models.UserError(f"--uncond-prob must be in [0, 1] (got {args.uncond_prob})")
+    if args.sft_on == "both" and args.sft_target != "teacher":
+        raise models.UserError("--sft-on both: needs --sft-target teacher (the losers' own noise is no target)")
     if args.sft_cfg < 0 or (args.sft_cfg and args.sft_target != "teacher"):
         raise models.UserError(f"--sft-cfg {args.sft_cfg:g}: needs a scale >= 0 and --sft-target teacher")
 
@@ -426,7 +435,7 @@ def main(args):
         print(f"redpo: {n_pairs} pairs to train on ({len(held_idx)} held out), "
               f"{sum(p.numel() for p in params):,} trainable parameters ({args.train_layers} layers), "
               f"loss={args.loss} beta={beta:g} "
-              f"w_sft={args.w_sft} sft_cfg={args.sft_cfg:g} reference={args.reference} "
+              f"w_sft={args.w_sft} sft_cfg={args.sft_cfg:g} sft_on={args.sft_on} reference={args.reference} "
               f"uncond_prob={args.uncond_prob} lr={lr:g} "
               f"steps={args.max_steps} (~{args.max_steps * args.batch_size * args.grad_accum * world / n_pairs:.1f} "
               f"epochs) world={world} device={device}")

@@ -30,9 +30,10 @@ def preds(B=3, shape=(4, 3, 5, 6), seed=0):
 def test_fused_loss_matches_reference(loss_type, sft_target):
     eps_theta, eps_ref, eps = preds()
     teacher_w = eps_ref[:3] + 0.1
-    for extra in (None, teacher_w):
-        a, sa = redpo.redpo_loss_reference(eps_theta, eps_ref, eps, 37.0, 0.7, loss_type, sft_target, extra)
-        b, sb = redpo.redpo_loss(eps_theta, eps_ref, eps, 37.0, 0.7, loss_type, sft_target, extra)
+    both = [(eps_ref + 0.1, eps_theta - 0.05)] if sft_target == "teacher" else []  # --sft-on both: 2B rows
+    for extra, sft_pred in ((None, None), (teacher_w, None), *both):
+        a, sa = redpo.redpo_loss_reference(eps_theta, eps_ref, eps, 37.0, 0.7, loss_type, sft_target, extra, sft_pred)
+        b, sb = redpo.redpo_loss(eps_theta, eps_ref, eps, 37.0, 0.7, loss_type, sft_target, extra, sft_pred)
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
         for k in ("dpo", "sft", "implicit_acc"):
             assert torch.allclose(sa[k], sb[k], rtol=1e-5, atol=1e-6)
@@ -306,5 +307,40 @@ def test_guided_sft_compares_the_predictions_a_cfg_sampler_follows(vc2_dir, prun
                                           os.path.join(pairs[0], "pairs.jsonl"), "--out", str(tmp_path / "s.safetensors"),
                                           "--sft-cfg", "6", "--sft-target", "noise"])
     with pytest.raises(models.UserError, match="--sft-cfg 6"):
+        redpo.main(args)
+    assert not os.listdir(tmp_path)
+
+
+def test_sft_on_both_members_distills_the_teacher_on_the_losers_too(vc2_dir, pruned, pairs, tmp_path):
+    """--sft-on both: a pair's SFT term is the mean of its winner's and its loser's (the student's own sample),
+    each against the teacher's prediction (guided with --sft-cfg, plain without); the DPO term is unchanged.
+    With the noise as SFT target it is refused (a loser's own noise is no target)."""
+    fam, teacher, student, reference, (x0_w, x0_l, emb, t, eps) = train_step_inputs(vc2_dir, pruned)
+    uncond = models.encode_prompts(teacher, [""])
+    x_t = models.add_noise(fam, teacher.scheduler, torch.cat([x0_w, x0_l]), eps.repeat(2, 1, 1, 1, 1), t.repeat(2))
+    B = len(x0_w)
+    with torch.no_grad():
+        pred = lambda unet, e: models.predict_noise(fam, unet, x_t, t.repeat(2), torch.cat([e, e]))  # noqa: E731
+        u = uncond.expand_as(emb)
+        guided = lambda unet, w: pred(unet, u) + w * (pred(unet, emb) - pred(unet, u))  # noqa: E731, (2B, ...)
+    member = lambda a, b: (a - b).pow(2).flatten(1).mean(1)  # noqa: E731, per row
+    for w in (0.0, 3.0):
+        for ref in (reference, None):
+            got = {}
+            for on in ("winners", "both"):
+                args = redpo.get_parser().parse_args(["--pairs", "x", "--out", "y", "--beta", "50", "--sft-cfg",
+                                                      str(w), "--sft-on", on])
+                got[on] = redpo.train_step(fam, teacher.scheduler, student, teacher.unet, ref,
+                                           (x0_w, x0_l, emb, t, eps), args, False, "cpu", uncond=uncond)[1]
+            per_member = member(guided(student, w), guided(teacher.unet, w)) if w else member(
+                pred(student, emb), pred(teacher.unet, emb))
+            assert got["winners"]["sft"].item() == pytest.approx(per_member[:B].mean().item(), rel=1e-5)
+            assert got["both"]["sft"].item() == pytest.approx(per_member.mean().item(), rel=1e-5)
+            assert abs(per_member[B:].mean() - per_member[:B].mean()) > 1e-3 * per_member.mean()  # they differ
+            assert got["both"]["dpo"].item() == pytest.approx(got["winners"]["dpo"].item(), rel=1e-6)
+    args = redpo.get_parser().parse_args(["--model", "vc2", "--teacher", vc2_dir, "--student", pruned, "--pairs",
+                                          os.path.join(pairs[0], "pairs.jsonl"), "--out", str(tmp_path / "s.safetensors"),
+                                          "--sft-on", "both", "--sft-target", "noise"])
+    with pytest.raises(models.UserError, match="--sft-on both: needs --sft-target teacher"):
         redpo.main(args)
     assert not os.listdir(tmp_path)
