@@ -58,6 +58,10 @@ def test_judge_parts_reads_each_models_eval_videos(tmp_path):
     color, shape, speed, slow, quick = rows["teacher"]
     assert color == 1.0 and shape >= 0.75 and speed == 1.0
     assert abs(slow - world.SPEEDS["slowly"]) < 0.3 and abs(quick - world.SPEEDS["quickly"]) < 0.5
+    cache = tmp_path / "seed-0" / "eval" / "judge_parts.json"  # kept per seed: --gather does not read the videos again
+    assert models.read_json(str(cache))["teacher"] == pytest.approx(rows["teacher"], abs=0.005)
+    models.write_json(str(cache), {"teacher": [0.5, 0.5, 0.5, 1.0, 2.0]})
+    assert "| teacher | 0.50 | 0.50 | 0.50 | 1.00 | 2.00 |" in study.judge_parts(argparse.Namespace(seeds=[0], work_dir=str(tmp_path)))
     assert rows["SFT online"][0] == 0.0 and rows["SFT online"][2] == 1.0  # recolored: color lost, speed kept
 
 

@@ -219,12 +219,15 @@ def run_seed(args, seed):
     labels = ["untrained-pruned", *[slug(n) for n in arms], *[f"{slug(n)}-round-2-start" for n in starts]]
     ckpts = [os.path.join(masks, "oneshot", "pruned.safetensors"), *[final(seed_dir, n) for n in arms],
              *[os.path.join(seed_dir, slug(n), "round-2", "pruned.safetensors") for n in starts]]
-    online_loop.run_step("evaluate every arm", os.path.join(seed_dir, "eval", "report.json"),
+    ran = online_loop.run_step("evaluate every arm", os.path.join(seed_dir, "eval", "report.json"),
                          ["evaluate.py", "--model", "toy", "--students", *ckpts, "--labels", *labels, "--prompts",
                           online_loop.TOY_PROMPTS["eval"], "--samples", args.eval_samples, "--out-dir",
                           os.path.join(seed_dir, "eval"), "--seed", seed, "--latency-repeats", 1, "--batch-size", 16,
                           *args.eval_args.split()],
                          os.path.join(seed_dir, "logs", "evaluate.log"))
+    if ran and os.path.exists(os.path.join(seed_dir, "eval", "judge_parts.json")):  # an earlier evaluation's
+        os.remove(os.path.join(seed_dir, "eval", "judge_parts.json"))
+    seed_parts(os.path.join(seed_dir, "eval"))  # what the judge sees, read from the videos now: --gather reads it
 
 
 # ----------------------------------------------------------------------------- a queue of units over the cores
@@ -348,6 +351,28 @@ def gather(args):
     return "\n".join(lines), "\n".join(diff_lines), summary
 
 
+def seed_parts(eval_dir):
+    """{model label: [color, shape, speed correct, px/frame of "slowly", of "quickly"]} of one seed's eval
+    videos (the written mp4 files), kept in EVAL_DIR/judge_parts.json once computed (reading every video of
+    a seed takes about a minute)."""
+    from toy import world
+
+    cache = os.path.join(eval_dir, "judge_parts.json")
+    if os.path.exists(cache):
+        return models.read_json(cache)
+    rows, folder = {}, os.path.join(eval_dir, "videos")
+    for label in sorted(os.listdir(folder)):
+        files = sorted(os.listdir(os.path.join(folder, label)))
+        prompts = [f.rsplit("-", 1)[0] for f in files]
+        videos = np.stack(models.read_videos([os.path.join(folder, label, f) for f in files]))
+        details = world.judge_details(videos, prompts)
+        speeds = lambda word: [d["speed_px"] for d, p in zip(details, prompts) if p.endswith(word)]
+        part = [np.mean([d[k] for d in details]) for k in ("color", "shape", "speed")]
+        rows[label] = [float(v) for v in part + [np.mean(speeds("slowly")), np.mean(speeds("quickly"))]]
+    models.write_json(cache, rows)
+    return rows
+
+
 def judge_parts(args):
     """What the toy judge sees in each model's eval videos (the written mp4 files): the share of videos with
     the prompted color, shape and speed, and the measured speed (px/frame) of "slowly" and "quickly"
@@ -356,15 +381,8 @@ def judge_parts(args):
 
     rows = {}
     for seed in args.seeds:
-        folder = os.path.join(args.work_dir, f"seed-{seed}", "eval", "videos")
-        for label in sorted(os.listdir(folder)):
-            files = sorted(os.listdir(os.path.join(folder, label)))
-            prompts = [f.rsplit("-", 1)[0] for f in files]
-            videos = np.stack(models.read_videos([os.path.join(folder, label, f) for f in files]))
-            details = world.judge_details(videos, prompts)
-            speeds = lambda word: [d["speed_px"] for d, p in zip(details, prompts) if p.endswith(word)]
-            part = [np.mean([d[k] for d in details]) for k in ("color", "shape", "speed")]
-            rows.setdefault(label, []).append(part + [np.mean(speeds("slowly")), np.mean(speeds("quickly"))])
+        for label, part in seed_parts(os.path.join(args.work_dir, f"seed-{seed}", "eval")).items():
+            rows.setdefault(label, []).append(part)
     order = ["teacher", "untrained-pruned", *[slug(n) for n in ARMS]]
     names = {"teacher": "teacher", "untrained-pruned": "untrained pruned", **{slug(n): n for n in ARMS}}
     lines = [f"| model | color correct | shape correct | speed correct | px/frame, \"slowly\" ({world.SPEEDS['slowly']:g}) "
