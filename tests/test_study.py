@@ -243,3 +243,42 @@ def test_the_job_queue_runs_each_unit_after_what_it_reads_and_no_more_than_jobs_
     assert ("0", "V.I.P. (ReDPO online)") not in ran and ("0", "evaluate") not in ran
     with pytest.raises(models.UserError, match="--jobs must be at least 1"):
         study.main(study.get_parser().parse_args(["--jobs", "0"]))
+
+
+def test_sigterm_stops_the_queue_and_its_running_units(tmp_path):
+    """SIGTERM to the study (a cluster's time limit) ends the units it started, not only itself; a rerun appends
+    to a unit's log instead of replacing what the first run wrote."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import ROOT
+
+    pids = tmp_path / "pids.txt"
+    script = f"""
+import os, sys
+sys.path.insert(0, {ROOT!r})
+from toy import study
+args = study.get_parser().parse_args(["--seeds", "0", "--jobs", "2", "--work-dir", {str(tmp_path / "w")!r}])
+child = "import os, time; open({str(pids)!r}, 'a').write(str(os.getpid()) + chr(10)); time.sleep(600)"
+study.run_jobs(args, lambda args, seed, unit: [sys.executable, "-c", child])
+"""
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (pids.exists() and pids.read_text().count("\n") >= 1):
+        time.sleep(0.2)
+    assert pids.exists(), proc.communicate()[0]
+    proc.send_signal(signal.SIGTERM)
+    out = proc.communicate(timeout=60)[0].decode()
+    assert proc.returncode == 128 + signal.SIGTERM, out
+    child = int(pids.read_text().split()[0])
+    time.sleep(0.5)
+    with pytest.raises(ProcessLookupError):  # the unit's process is gone, not orphaned
+        os.kill(child, 0)
+    log = tmp_path / "w" / "logs" / "seed-0-masks.log"
+    first = log.read_text()
+    assert first.startswith("==== ") and first.count("==== ") == 1
+    args = study.get_parser().parse_args(["--seeds", "0", "--masks-only", "--jobs", "2", "--work-dir", str(tmp_path / "w")])
+    study.run_jobs(args, lambda args, seed, unit: [sys.executable, "-c", "print('again')"])
+    assert log.read_text().startswith(first) and log.read_text().count("==== ") == 2 and "again" in log.read_text()

@@ -35,6 +35,7 @@ import platform
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -267,7 +268,8 @@ def unit_argv(args, seed, unit):
 def run_jobs(args, argv_of=unit_argv):
     """Run units(args), --jobs at a time (processes; their output in WORK_DIR/logs/seed-S-UNIT.log), each once its
     prerequisites are done, the one heading the longest remaining chain first. A unit that fails stops the
-    queue (the running ones finish) and is a one-line error naming its log."""
+    queue (the running ones finish) and is a one-line error naming its log. Ctrl-C or SIGTERM stops the running
+    units too (each releases its loop's lock); a rerun skips what is finished, appending to the logs."""
     jobs = units(args)
     after = {u: [v for v, deps in jobs.items() if u in deps] for u in jobs}
     chain = {}
@@ -282,6 +284,9 @@ def run_jobs(args, argv_of=unit_argv):
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "PYTHONUNBUFFERED": "1"}
     pending, running, done, failed, t0 = dict(jobs), {}, set(), [], time.time()
     stamp = lambda: f"[{(time.time() - t0) / 60:5.1f} min]"
+    handle = signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # unless a host program has its own
+    if handle:
+        signal.signal(signal.SIGTERM, lambda sig, frame: sys.exit(128 + sig))
     try:
         while running or (pending and not failed):
             ready = sorted((u for u, deps in pending.items() if all(d in done for d in deps)),
@@ -289,8 +294,10 @@ def run_jobs(args, argv_of=unit_argv):
             for u in ready[:max(0, args.jobs - len(running)) if not failed else 0]:
                 del pending[u]
                 log_path = os.path.join(logs, f"seed-{u[0]}-{slug(u[1])}.log")
-                log = open(log_path, "w")
-                proc = subprocess.Popen(argv_of(args, *u), stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+                argv, log = argv_of(args, *u), open(log_path, "a")
+                log.write(f"==== {datetime.datetime.now():%Y-%m-%d %H:%M:%S}: {shlex.join(argv)}\n")
+                log.flush()
+                proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
                 running[u] = (proc, log, log_path, time.time())
                 print(f"{stamp()} seed {u[0]}: {u[1]} started ({len(running)} running, {len(pending)} waiting)",
                       flush=True)
@@ -311,6 +318,8 @@ def run_jobs(args, argv_of=unit_argv):
             proc.terminate()
             proc.wait()
             log.close()
+        if handle:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
     if failed:
         raise models.UserError(failed[0] + (f" (and {len(failed) - 1} more)" if len(failed) > 1 else ""))
     print(f"{stamp()} all {len(jobs)} units done ({args.jobs} at a time)", flush=True)
