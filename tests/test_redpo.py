@@ -303,12 +303,17 @@ def test_guided_sft_compares_the_predictions_a_cfg_sampler_follows(vc2_dir, prun
     norm = lambda gs: torch.sqrt(sum(g.pow(2).sum() for g in gs if g is not None))  # noqa: E731
     assert norm(got) > 0
     assert norm([a - b for a, b in zip(got, want) if a is not None]) < 1e-4 * norm(want)
+    assert_refused(vc2_dir, pruned, pairs, tmp_path, ["--sft-cfg", "6", "--sft-target", "noise"], "--sft-cfg 6")
+
+
+def assert_refused(vc2_dir, pruned, pairs, out_dir, flags, match):
+    """redpo.py with these flags stops with a one-line error matching `match` and writes nothing."""
     args = redpo.get_parser().parse_args(["--model", "vc2", "--teacher", vc2_dir, "--student", pruned, "--pairs",
-                                          os.path.join(pairs[0], "pairs.jsonl"), "--out", str(tmp_path / "s.safetensors"),
-                                          "--sft-cfg", "6", "--sft-target", "noise"])
-    with pytest.raises(models.UserError, match="--sft-cfg 6"):
+                                          os.path.join(pairs[0], "pairs.jsonl"), "--out", str(out_dir / "s.safetensors"),
+                                          *flags])
+    with pytest.raises(models.UserError, match=match):
         redpo.main(args)
-    assert not os.listdir(tmp_path)
+    assert not os.listdir(out_dir)
 
 
 def test_sft_on_both_members_distills_the_teacher_on_the_losers_too(vc2_dir, pruned, pairs, tmp_path):
@@ -338,9 +343,5 @@ def test_sft_on_both_members_distills_the_teacher_on_the_losers_too(vc2_dir, pru
             assert got["both"]["sft"].item() == pytest.approx(per_member.mean().item(), rel=1e-5)
             assert abs(per_member[B:].mean() - per_member[:B].mean()) > 1e-3 * per_member.mean()  # they differ
             assert got["both"]["dpo"].item() == pytest.approx(got["winners"]["dpo"].item(), rel=1e-6)
-    args = redpo.get_parser().parse_args(["--model", "vc2", "--teacher", vc2_dir, "--student", pruned, "--pairs",
-                                          os.path.join(pairs[0], "pairs.jsonl"), "--out", str(tmp_path / "s.safetensors"),
-                                          "--sft-on", "both", "--sft-target", "noise"])
-    with pytest.raises(models.UserError, match="--sft-on both: needs --sft-target teacher"):
-        redpo.main(args)
-    assert not os.listdir(tmp_path)
+    assert_refused(vc2_dir, pruned, pairs, tmp_path, ["--sft-on", "both", "--sft-target", "noise"],
+                   "--sft-on both: needs --sft-target teacher")
