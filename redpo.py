@@ -248,7 +248,7 @@ def train_step(family, scheduler, student, teacher_unet, reference, batch, args,
     eps = eps.repeat(2, 1, 1, 1, 1)                                  # (2B, C, F, h, w) shared noise
     x_t = models.add_noise(family, scheduler, x0, eps, t, not args.no_x0_rescale)
     emb2 = torch.cat([emb, emb])                                     # (2B, L, D)
-    # with guided SFT the winners come once more, with the empty prompt: inputs (3B, ...) / teacher's (2B, ...)
+    # with guided SFT the SFT members come once more, with the empty prompt: inputs (2B + m, ...) / teacher's (2m, ...)
     m = 2 * B if getattr(args, "sft_on", "winners") == "both" else B  # the SFT term's members: x_t[:m]
     x_s, t_s, emb_s = x_t, t, emb2
     x_tw, t_w, emb_w = x_t[:m], t[:m], emb2[:m]
@@ -260,7 +260,7 @@ def train_step(family, scheduler, student, teacher_unet, reference, batch, args,
         with torch.no_grad():
             if reference is None:  # the teacher is both the DPO reference and the SFT target
                 eps_ref = models.predict_noise(family, teacher_unet, x_s, t_s, emb_s)
-                # the SFT target: its guided parts, or (None) eps_ref's winners
+                # the SFT target: its guided parts, or its prediction on the SFT members
                 eps_teacher_w = torch.cat([eps_ref[:m], eps_ref[2 * B:]]) if guided else eps_ref[:m]
                 eps_ref = eps_ref[:2 * B]
             else:  # DPO against the initial student; SFT on the teacher, which it needs on the winners only
