@@ -111,6 +111,25 @@ def remove_stale_temporaries(folder):
 
 
 @contextlib.contextmanager
+def sigterm_exits():
+    """Inside the block SIGTERM (a cluster's time limit, scancel, kill) raises SystemExit(128 + 15) like an error,
+    so `finally` clauses run (locks released, child processes stopped); only in the main thread and only where
+    SIGTERM has its default action (a host program's own handler is left alone)."""
+    import signal
+    import threading
+
+    handle = (threading.current_thread() is threading.main_thread()
+              and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL)
+    if handle:
+        signal.signal(signal.SIGTERM, lambda sig, frame: sys.exit(128 + sig))
+    try:
+        yield
+    finally:
+        if handle:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+@contextlib.contextmanager
 def atomic_path(path):
     """Yield a temporary name beside `path`; rename it into place only if the block succeeds. A failed
     write (full disk, no permission) is a one-line UserError naming `path`; the temporary file is removed

@@ -39,10 +39,8 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
-import threading
 import time
 
 import models
@@ -316,16 +314,11 @@ def main(args):
     SIGTERM (a cluster's time limit, scancel) ends it like an error, releasing it and stopping the stage."""
     name = f"loop.node{args.node_rank}.lock" if args.node_rank else "loop.lock"
     lock = os.path.join(os.path.abspath(args.work_dir), name)
-    main_thread = threading.current_thread() is threading.main_thread()
-    handle = main_thread and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # unless a host program has its own
-    if handle:
-        signal.signal(signal.SIGTERM, lambda sig, frame: sys.exit(128 + sig))
-    try:
-        loop(args, lock)
-    finally:
-        models.release_lock(lock)
-        if handle:
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    with models.sigterm_exits():
+        try:
+            loop(args, lock)
+        finally:
+            models.release_lock(lock)
 
 
 def per_round(values, k):

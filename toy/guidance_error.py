@@ -52,7 +52,7 @@ def path_errors(teacher, students, prompts, seeds, seed0=11, own=False):
     sums = {i: {"cond": 0.0, "uncond": 0.0, "guided": 0.0} for i in range(len(students))}
     for s in range(seeds):
         x = models.seeded_noise([(seed0 + s) * 100_000 + i for i in range(n)], shape)  # (n, C, F, h, w)
-        xs = [x] * len(students)  # each student's state on its own path (own), else unused
+        xs = [x] * len(students)  # each student's state on its own path (own)
         for i, t in enumerate(steps):
             tt = torch.full((2 * n,), t, dtype=torch.long)
             prev = steps[i + 1] if i + 1 < len(steps) else -1
@@ -61,15 +61,16 @@ def path_errors(teacher, students, prompts, seeds, seed0=11, own=False):
                 e_u, e_c = models.predict_noise(fam, unet, torch.cat([x, x]), tt, emb).float().chunk(2)
                 return e_u, e_c, models.guide(e_u, e_c, fam.cfg)
 
-            ref = predict(teacher.unet, x)
+            ref = None if own else predict(teacher.unet, x)  # on the teacher's path, one teacher forward for all
             for k, unet in enumerate(students):
                 mine = predict(unet, xs[k] if own else x)
                 theirs = predict(teacher.unet, xs[k]) if own else ref
                 for name, a, b in zip(("uncond", "cond", "guided"), mine, theirs):
                     sums[k][name] += (a - b).pow(2).mean().item() / (len(steps) * seeds)
-                if own:
+                if own:  # the student's own path
                     xs[k] = models.ddim_step(fam, teacher.scheduler, xs[k], mine[2], t, prev)
-            x = models.ddim_step(fam, teacher.scheduler, x, ref[2], t, prev)  # the teacher's own path
+            if not own:  # the teacher's own path
+                x = models.ddim_step(fam, teacher.scheduler, x, ref[2], t, prev)
     return sums
 
 

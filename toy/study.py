@@ -29,13 +29,13 @@ WORK_DIR/logs/seed-S-UNIT.log. So the cores stay busy to the end instead of wait
 seed a dir): per round, the trained student against its own pruned start, paired over the runs.
 """
 import argparse
+import contextlib
 import datetime
 import os
 import platform
 import re
 import shlex
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -265,6 +265,18 @@ def unit_argv(args, seed, unit):
     return argv + (["--arms"] if unit == "evaluate" else ["--arms", unit, "--no-evaluate"])
 
 
+@contextlib.contextmanager
+def stopping(running):
+    """However the block ends, stop the units still in `running` ({unit: (process, log, ...)}) and close their logs."""
+    try:
+        yield
+    finally:
+        for proc, log, *_ in running.values():
+            proc.terminate()
+            proc.wait()
+            log.close()
+
+
 def run_jobs(args, argv_of=unit_argv):
     """Run units(args), --jobs at a time (processes; their output in WORK_DIR/logs/seed-S-UNIT.log), each once its
     prerequisites are done, the one heading the longest remaining chain first. A unit that fails stops the
@@ -284,10 +296,7 @@ def run_jobs(args, argv_of=unit_argv):
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "PYTHONUNBUFFERED": "1"}
     pending, running, done, failed, t0 = dict(jobs), {}, set(), [], time.time()
     stamp = lambda: f"[{(time.time() - t0) / 60:5.1f} min]"
-    handle = signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # unless a host program has its own
-    if handle:
-        signal.signal(signal.SIGTERM, lambda sig, frame: sys.exit(128 + sig))
-    try:
+    with models.sigterm_exits(), stopping(running):  # SIGTERM, Ctrl-C or an error: no unit is left running
         while running or (pending and not failed):
             ready = sorted((u for u, deps in pending.items() if all(d in done for d in deps)),
                            key=lambda u: (-longest(u), u))
@@ -313,13 +322,6 @@ def run_jobs(args, argv_of=unit_argv):
                 else:
                     failed.append(f"seed {u[0]}: {u[1]} failed with exit code {proc.returncode}; its log is {log_path}")
                     print(f"{stamp()} {failed[-1]}", flush=True)
-    finally:  # Ctrl-C or an error here: no unit is left running
-        for proc, log, _, _ in running.values():
-            proc.terminate()
-            proc.wait()
-            log.close()
-        if handle:
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
     if failed:
         raise models.UserError(failed[0] + (f" (and {len(failed) - 1} more)" if len(failed) > 1 else ""))
     print(f"{stamp()} all {len(jobs)} units done ({args.jobs} at a time)", flush=True)
