@@ -102,6 +102,8 @@ def get_parser():
                    "family's, every round: toy 1e-4, vc2 6e-6, animatediff 1e-5)")
     p.add_argument("--train-layers", nargs="+", default=["all"], choices=["all", "temporal"], help="what ReDPO trains "
                    "(redpo.py): one for every round or one per round, as --lr (default: all; toy/RESULTS.md)")
+    p.add_argument("--sft-on", nargs="+", default=["winners"], choices=["winners", "both"], help="SFT on the winners "
+                   "(the paper's) or on both members (redpo.py): one for every round or one per round, as --lr")
     p.add_argument("--samples-per-prompt", type=int, default=0,
                    help="pairs per curated prompt, each from its own seed (0 = toy 2, others 1)")
     p.add_argument("--importance", default="reward", choices=["reward", "output"], help="pruning importance")
@@ -484,6 +486,7 @@ def loop(args, lock):
                      "--max-steps", steps, "--batch-size", args.train_batch_size,
                      "--lr", per_round(args.lr or [family.lr], k_train), "--seed", args.seed,
                      "--train-layers", per_round(args.train_layers, k_train),
+                     "--sft-on", per_round(args.sft_on, k_train),
                      # real runs keep a training state every 100 steps: a rerun of the loop resumes inside ReDPO
                      *([] if toy else ["--save-every", 100])], log("redpo"), nproc=args.nproc)
         if args.eval_rounds == "all" or (args.eval_rounds == "last" and k == len(ratios)):

@@ -165,7 +165,7 @@ def test_the_embedded_toy_loop_with_reduced_settings(tmp_path):
     out = run("online_loop.py", "--work-dir", tmp_path / "work", "--eval-prompts", evalp, "--train-steps", "2",
               "--steps", "4", "--probe-steps", "2", "--num-probe", "2", "--probe-seeds", "1", "2", "--max-pair-prompts", "4",
               "--eval-samples", "1", "--no-filter", "--guard", "0.05", "--lr", "3e-5", "1e-4",
-              "--train-layers", "temporal", "all").stdout
+              "--train-layers", "temporal", "all", "--sft-on", "both", "winners").stdout
     assert "V.I.P. finished" in out and "| round-2 | student |" in out
     rows = models.read_json(str(tmp_path / "work" / "results.json"))["rows"]
     assert [r["model"] for r in rows] == ["teacher", "pruned", "student", "pruned", "student"]
@@ -177,6 +177,7 @@ def test_the_embedded_toy_loop_with_reduced_settings(tmp_path):
     second = json.loads(models.read_student_meta(str(tmp_path / "work" / "round-2" / "student.safetensors"))["args"])
     assert (trained["lr"], second["lr"]) == (3e-5, 1e-4)  # --lr per round reaches each round's redpo
     assert (trained["train_layers"], second["train_layers"]) == ("temporal", "all")  # --train-layers per round too
+    assert (trained["sft_on"], second["sft_on"]) == ("both", "winners")  # and --sft-on
     pruned = models.read_student_meta(str(tmp_path / "work" / "round-2" / "pruned.safetensors"))
     assert json.loads(pruned["args"])["keep_temporal_convs"] == models.get_family("toy").keep_temporal_convs == 1
     first = models.read_student_meta(str(tmp_path / "work" / "round-1" / "pruned.safetensors"))
