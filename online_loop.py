@@ -270,10 +270,12 @@ def check_work_dir(args, path):
             if k not in ("nproc", "device", "isolate", "nnodes", "node_rank", "rdzv_endpoint")}
     if os.path.exists(path):
         old = models.read_json(path)
-        diff = [k for k in mine if old.get(k) != mine[k]]
+        default = vars(get_parser().parse_args([]))  # a flag newer than the record: it was run with its default
+        made = {k: old.get(k, default.get(k)) for k in mine}
+        diff = [k for k in mine if made[k] != mine[k]]
         if diff:
             k = diff[0]
-            raise models.UserError(f"{path}: this work dir was made with --{k.replace('_', '-')}={old.get(k)!r}, "
+            raise models.UserError(f"{path}: this work dir was made with --{k.replace('_', '-')}={made[k]!r}, "
                                    f"not {mine[k]!r}; use another --work-dir")
     else:
         models.write_json(path, mine)

@@ -140,6 +140,22 @@ def test_learning_rate_per_round():
     assert [lr("vc2", k, [1e-6, 2e-6, 3e-6]) for k in (1, 2, 3, 4)] == [1e-6, 2e-6, 3e-6, 3e-6]
 
 
+def test_a_work_dir_recorded_before_a_flag_existed_resumes_with_its_default(tmp_path):
+    record = tmp_path / "loop.args.json"
+    args = online_loop.get_parser().parse_args([])
+    online_loop.check_work_dir(args, str(record))
+    old = json.loads(record.read_text())
+    assert old["sft_on"] == ["winners"]
+    del old["sft_on"]  # a work dir made before --sft-on existed
+    record.write_text(json.dumps(old))
+    online_loop.check_work_dir(args, str(record))  # resumes: it was run with the default
+    both = online_loop.get_parser().parse_args(["--sft-on", "both"])
+    with pytest.raises(models.UserError, match=r"made with --sft-on=\['winners'\], not \['both'\]"):
+        online_loop.check_work_dir(both, str(record))
+    with pytest.raises(models.UserError, match=r"made with --seed=0, not 1"):
+        online_loop.check_work_dir(online_loop.get_parser().parse_args(["--seed", "1"]), str(record))
+
+
 def test_missing_prompt_file_is_a_one_line_error(tmp_path):  # real families' folders: test_real_defaults.py
     proc = run("online_loop.py", "--prompt-pool", tmp_path / "none.txt", "--work-dir", tmp_path / "w", check=False)
     assert proc.returncode == 2 and "none.txt: no such file" in proc.stderr and not (tmp_path / "w").exists()
