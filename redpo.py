@@ -1,23 +1,21 @@
 """ReDPO: distill a pruned student back with Diffusion-DPO + SFT on teacher-vs-student pairs.
 
-METHOD.md section 4. Input: a pairs JSONL (make_pairs.py / filter_pairs.py) whose rows point at
-cached latents and text embeddings, the teacher folder, and a student checkpoint (prune.py).
-Output: the trained student checkpoint (same format) and a JSONL training log beside it.
-Training never runs the VAE or the text encoder. One step = one student forward+backward on
-[winners; losers] with a shared t and eps, and one teacher forward under no_grad whose output is
-both the DPO reference and the SFT target. With probability --uncond-prob a pair is trained on the
-empty prompt instead of its own (both members), so the unconditional branch that classifier-free
-guidance uses at sampling time is distilled too. Every --log-every steps the log adds the gradient
-norms of the DPO and SFT terms taken apart, the DPO margin, and the student's distance to the teacher
+METHOD.md section 4. Input: a pairs JSONL (make_pairs.py / filter_pairs.py) whose rows point at cached latents
+and text embeddings, the teacher folder, and a student checkpoint (prune.py). Output: the trained student
+checkpoint (same format) and a JSONL training log beside it. Training never runs the VAE or the text encoder.
+One step = one student forward+backward on [winners; losers] with a shared t and eps, and one teacher forward
+under no_grad whose output is both the DPO reference and the SFT target. With probability --uncond-prob a pair
+is trained on the empty prompt instead of its own (both members), so the unconditional branch that
+classifier-free guidance uses at sampling time is distilled too. Every --log-every steps the log adds the
+gradient norms of the DPO and SFT terms taken apart, the DPO margin, and the student's distance to the teacher
 (conditional, unconditional, and guided as the CFG sampler combines them) on held-out pairs that are never
-trained on. With --sft-cfg w the SFT term compares the guided predictions eps(0) + w (eps(c) - eps(0))
-(the winners seen once more with the empty prompt), the quantity a CFG sampler follows.
-Data order, t, eps and prompt dropout come from one seeded stream over the global batch (--batch-size
-x processes pairs a micro-batch, each rank training its own slice), so N processes train as one
-process with N times the --batch-size (up to float rounding). With --save-every N the training
-state (weights, optimizer, scheduler, step, RNG, data order, log) is written atomically to
-<out>.state.pt every N steps; rerunning the same command resumes from it and ends with the weights
-of an uninterrupted run. A non-finite input, loss or gradient norm stops with one line, before the
+trained on. With --sft-cfg w the SFT term compares the guided predictions eps(0) + w (eps(c) - eps(0)) (the
+winners seen once more with the empty prompt), the quantity a CFG sampler follows. Data order, t, eps and prompt
+dropout come from one seeded stream over the global batch (--batch-size x processes pairs a micro-batch, each
+rank training its own slice), so N processes train as one process with N times the --batch-size (up to float
+rounding). With --save-every N the training state (weights, optimizer, scheduler, step, RNG, data order, log) is
+written atomically to <out>.state.pt every N steps; rerunning the same command resumes from it and ends with the
+weights of an uninterrupted run. A non-finite input, loss or gradient norm stops with one line, before the
 optimizer step, keeping the last good state.
 
 Tiny CPU:  python redpo.py --model toy --pairs runs/pairs.jsonl --student runs/pruned.safetensors \
@@ -29,7 +27,6 @@ Many GPUs: torchrun --nproc_per_node 8 redpo.py ... --batch-size 1 --save-every 
 """
 import argparse
 import copy
-import json
 import math
 import os
 import time
@@ -58,6 +55,8 @@ def get_parser():
                    help="SFT on the guided prediction eps(0) + w (eps(c) - eps(0)) at this CFG scale w, the noise "
                         "estimate the sampler follows (0 = on the conditional prediction alone; needs "
                         "--sft-target teacher)")
+    p.add_argument("--snr-gamma", type=float, default=0.0, help="min-SNR-gamma weighting of the SFT term: each pair's "
+                   "term x min(1, gamma / SNR(t)), so the nearly clean timesteps count less (0 = off, uniform in t)")
     p.add_argument("--sft-on", default="winners", choices=["winners", "both"],
                    help="SFT on the winners (the paper's) or on both: the losers are the student's own samples")
     p.add_argument("--reference", default="student0", choices=["teacher", "student0"],
@@ -273,6 +272,10 @@ def train_step(family, scheduler, student, teacher_unet, reference, batch, args,
         eps_theta_sft = models.guide(eps_theta[2 * B:].float(), eps_theta[:m].float(), w_cfg)
         eps_teacher_w = models.guide(eps_teacher_w[m:].float(), eps_teacher_w[:m].float(), w_cfg)
         eps_theta = eps_theta[:2 * B]
+    if getattr(args, "snr_gamma", 0.0) > 0:  # min-SNR-gamma: both sides x sqrt(min(1, gamma / SNR)), the term x that
+        ab = scheduler.alphas_cumprod.to(t.device)[t[:m]].float()
+        w = (args.snr_gamma * (1 - ab) / ab).clamp(max=1).sqrt().view(-1, 1, 1, 1, 1)
+        eps_theta_sft, eps_teacher_w = eps_theta_sft * w, eps_teacher_w * w
     return loss_fn(eps_theta, eps_ref, eps, beta, args.w_sft, args.loss, args.sft_target, eps_teacher_w,
                    eps_theta_sft)
 
@@ -379,8 +382,9 @@ def main(args):
         raise models.UserError(f"--uncond-prob must be in [0, 1] (got {args.uncond_prob})")
     if args.sft_on == "both" and args.sft_target != "teacher":
         raise models.UserError("--sft-on both: needs --sft-target teacher (the losers' own noise is no target)")
-    if args.sft_cfg < 0 or (args.sft_cfg and args.sft_target != "teacher"):
-        raise models.UserError(f"--sft-cfg {args.sft_cfg:g}: needs a scale >= 0 and --sft-target teacher")
+    for flag, v in (("--sft-cfg", args.sft_cfg), ("--snr-gamma", args.snr_gamma)):
+        if v < 0 or (v and args.sft_target != "teacher"):
+            raise models.UserError(f"{flag} {v:g}: needs a value >= 0 and --sft-target teacher")
 
     x0_w_all, x0_l_all, emb_all = load_pairs(args.pairs)  # validate inputs before any heavy work
     train_idx, held_idx = split_heldout(x0_w_all.shape[0], args.heldout_pairs, args.seed)
@@ -434,9 +438,8 @@ def main(args):
     if rank == 0:
         print(f"redpo: {n_pairs} pairs to train on ({len(held_idx)} held out), "
               f"{sum(p.numel() for p in params):,} trainable parameters ({args.train_layers} layers), "
-              f"loss={args.loss} beta={beta:g} "
-              f"w_sft={args.w_sft} sft_cfg={args.sft_cfg:g} sft_on={args.sft_on} reference={args.reference} "
-              f"uncond_prob={args.uncond_prob} lr={lr:g} "
+              f"loss={args.loss} beta={beta:g} w_sft={args.w_sft} sft_cfg={args.sft_cfg:g} snr_gamma={args.snr_gamma:g} "
+              f"sft_on={args.sft_on} reference={args.reference} uncond_prob={args.uncond_prob} lr={lr:g} "
               f"steps={args.max_steps} (~{args.max_steps * args.batch_size * args.grad_accum * world / n_pairs:.1f} "
               f"epochs) world={world} device={device}")
     from tqdm import tqdm
@@ -474,8 +477,7 @@ def main(args):
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
-        row.update({**{k: round(v, 6) for k, v in totals.items()}, "grad_norm": round(grad_norm.item(), 6),
-                    "lr": lr_now})
+        row.update({**{k: round(v, 6) for k, v in totals.items()}, "grad_norm": round(grad_norm.item(), 6), "lr": lr_now})
         if logging:
             dist = teacher_distance(family, scheduler, student, teacher.unet, heldout, uncond, args, use_bf16, device)
             row.update({f"dist_teacher_{k}": round(v, 6) for k, v in dist.items()})
@@ -495,13 +497,11 @@ def main(args):
             rate = (args.log_every / (time.time() - last) if step % args.log_every == 0
                     else (step - start + 1) / (time.time() - t0))
             last = time.time()
-            norms = (f" | grad dpo {row['grad_norm_dpo']:.3g} sft {row['grad_norm_sft']:.3g}"
-                     if "grad_norm_dpo" in row else "")
+            norms = f" | grad dpo {row['grad_norm_dpo']:.3g} sft {row['grad_norm_sft']:.3g}" if "grad_norm_dpo" in row else ""
             tqdm.write(f"step {step:5d} | loss {totals['loss']:.4f} | dpo {totals['dpo']:.4f} | sft {totals['sft']:.6f}"
                        f" | implicit_acc {totals['implicit_acc']:.3f} | margin {totals['margin']:.3g}{norms}"
                        f" | dist_teacher {row['dist_teacher_cond']:.5f}/{row['dist_teacher_uncond']:.5f}"
-                       f"/{row['dist_teacher_guided']:.4f}"
-                       f" | lr {row['lr']:.2e} | {rate:.2f} steps/s")
+                       f"/{row['dist_teacher_guided']:.4f} | lr {row['lr']:.2e} | {rate:.2f} steps/s")
     stop_if_non_finite(args.max_steps, [("weight", largest_weight(params))], state_path, f"writing {args.out}")
     if rank == 0:
         seconds = seconds0 + time.time() - t0

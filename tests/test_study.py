@@ -146,12 +146,16 @@ def test_guidance_error_compares_predictions_along_the_teachers_path(tmp_path, c
             p.add_(1e-3 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
     prompts = ["a red circle moving left slowly", "a blue square moving up quickly"]
     errors = guidance_error.path_errors(teacher, [copy.deepcopy(teacher.unet), student], prompts, seeds=1)
-    assert errors[0] == {"cond": 0.0, "uncond": 0.0, "guided": 0.0}
-    assert all(v > 0 for v in errors[1].values()) and errors[1]["guided"] != errors[1]["cond"]
+    zero = {"cond": 0.0, "uncond": 0.0, "guided": 0.0, "by_step": [0.0] * fam.steps}
+    assert errors[0] == zero
+    assert all(errors[1][k] > 0 for k in ("cond", "uncond", "guided")) and errors[1]["guided"] != errors[1]["cond"]
+    by_step = errors[1]["by_step"]  # the guided error step by step: all there, its mean the overall one
+    assert len(by_step) == fam.steps and min(by_step) > 0 and len(set(by_step)) == fam.steps
+    assert sum(by_step) / fam.steps == pytest.approx(errors[1]["guided"], rel=1e-6)
     # --path own: the teacher's copy walks the teacher's path (0 again); the perturbed student walks its own
     own = guidance_error.path_errors(teacher, [copy.deepcopy(teacher.unet), student], prompts, seeds=1, own=True)
-    assert own[0] == {"cond": 0.0, "uncond": 0.0, "guided": 0.0}
-    assert all(v > 0 for v in own[1].values()) and own[1]["guided"] != pytest.approx(errors[1]["guided"], rel=1e-6)
+    assert own[0] == zero
+    assert all(own[1][k] > 0 for k in ("cond", "uncond", "guided")) and own[1]["guided"] != pytest.approx(errors[1]["guided"], rel=1e-6)
     one_step = lambda own=False: guidance_error.path_errors(teacher, [student], prompts, seeds=1, own=own)[0]  # noqa: E731
     steps = fam.steps
     try:  # one DDIM step: the guided error by hand from the two branches at x_T (where both paths start)
@@ -159,6 +163,7 @@ def test_guidance_error_compares_predictions_along_the_teachers_path(tmp_path, c
         got, got_own = one_step(), one_step(own=True)
     finally:
         object.__setattr__(fam, "steps", steps)
+    assert got_own.pop("by_step") == pytest.approx(got.pop("by_step"), rel=1e-6)  # one step: both paths at x_T
     assert got_own == pytest.approx(got, rel=1e-6)
     x = models.seeded_noise([11 * 100_000 + i for i in range(2)], models.latent_shape(teacher, fam.frames, fam.height,
                                                                                          fam.width))
@@ -175,9 +180,10 @@ def test_guidance_error_compares_predictions_along_the_teachers_path(tmp_path, c
     prompt_file = tmp_path / "p.txt"
     prompt_file.write_text("\n".join(prompts) + "\n")
     guidance_error.main(guidance_error.get_parser().parse_args(["--students", str(path), "--prompts", str(prompt_file),
-                                                                "--seeds", "1"]))
+                                                                "--seeds", "1", "--per-step"]))
     row = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith(f"| {path} |")]
-    assert len(row) == 1 and float(row[0].split("|")[4]) == pytest.approx(errors[1]["guided"], rel=1e-3)
+    assert len(row) == 2 and float(row[0].split("|")[4]) == pytest.approx(errors[1]["guided"], rel=1e-3)
+    assert [float(c) for c in row[1].split("|")[2:-1]] == pytest.approx(by_step, abs=1e-4)  # --per-step's row
 
 
 def test_study_masks_keep_the_loops_temporal_convolutions(tmp_path, monkeypatch):

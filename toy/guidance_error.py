@@ -33,6 +33,7 @@ def get_parser():
     p.add_argument("--prompts", default=os.path.join(HERE, "prompts", "val.txt"), help="prompt file")
     p.add_argument("--seeds", type=int, default=2, help="initial noises a prompt")
     p.add_argument("--seed", type=int, default=11, help="first noise seed")
+    p.add_argument("--per-step", action="store_true", help="also the guided error at each DDIM step (timestep)")
     p.add_argument("--path", default="teacher", choices=["teacher", "own"],
                    help="whose DDIM path the predictions are compared on: the teacher's, or each student's own")
     return p
@@ -40,8 +41,9 @@ def get_parser():
 
 @torch.no_grad()
 def path_errors(teacher, students, prompts, seeds, seed0=11, own=False):
-    """{student index: {"cond", "uncond", "guided"}}: mean |eps_student - eps_teacher|^2 along the teacher's
-    DDIM path (eta 0) from seeds seed0.. for every prompt, or (own) along each student's own path."""
+    """{student index: {"cond", "uncond", "guided", "by_step"}}: mean |eps_student - eps_teacher|^2 along the
+    teacher's DDIM path (eta 0) from seeds seed0.. for every prompt, or (own) along each student's own path;
+    "by_step" the guided one at each DDIM step (its mean is "guided")."""
     fam = teacher.family
     cond, uncond = models.encode_prompts(teacher, prompts), models.encode_prompts(teacher, [""])
     n = len(prompts)
@@ -49,7 +51,7 @@ def path_errors(teacher, students, prompts, seeds, seed0=11, own=False):
     shape = models.latent_shape(teacher, fam.frames, fam.height, fam.width)
     teacher.scheduler.set_timesteps(fam.steps)
     steps = teacher.scheduler.timesteps.tolist()
-    sums = {i: {"cond": 0.0, "uncond": 0.0, "guided": 0.0} for i in range(len(students))}
+    sums = {i: {"cond": 0.0, "uncond": 0.0, "guided": 0.0, "by_step": [0.0] * len(steps)} for i in range(len(students))}
     for s in range(seeds):
         x = models.seeded_noise([(seed0 + s) * 100_000 + i for i in range(n)], shape)  # (n, C, F, h, w)
         xs = [x] * len(students)  # each student's state on its own path (own)
@@ -67,6 +69,7 @@ def path_errors(teacher, students, prompts, seeds, seed0=11, own=False):
                 theirs = predict(teacher.unet, xs[k]) if own else ref
                 for name, a, b in zip(("uncond", "cond", "guided"), mine, theirs):
                     sums[k][name] += (a - b).pow(2).mean().item() / (len(steps) * seeds)
+                sums[k]["by_step"][i] += (mine[2] - theirs[2]).pow(2).mean().item() / seeds
                 if own:  # the student's own path
                     xs[k] = models.ddim_step(fam, teacher.scheduler, xs[k], mine[2], t, prev)
             if not own:  # the teacher's own path
@@ -88,6 +91,12 @@ def main(args):
     print("| student | cond | uncond | guided |\n|---|---|---|---|")
     for path, e in zip(args.students, errors.values()):
         print(f"| {path} | {e['cond']:.4g} | {e['uncond']:.4g} | {e['guided']:.4g} |")
+    if args.per_step:  # where along the path the guided error is
+        teacher.scheduler.set_timesteps(fam.steps)
+        ts = teacher.scheduler.timesteps.tolist()
+        print("\nguided, per DDIM step\n| student | " + " | ".join(f"t={t}" for t in ts) + " |\n|---|" + "---|" * len(ts))
+        for path, e in zip(args.students, errors.values()):
+            print(f"| {path} | " + " | ".join(f"{v:.4f}" for v in e["by_step"]) + " |")
     return errors
 
 
