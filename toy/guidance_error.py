@@ -67,13 +67,16 @@ def path_errors(teacher, students, prompts, seeds, seed0=11, own=False):
             for k, unet in enumerate(students):
                 mine = predict(unet, xs[k] if own else x)
                 theirs = predict(teacher.unet, xs[k]) if own else ref
-                for name, a, b in zip(("uncond", "cond", "guided"), mine, theirs):
-                    sums[k][name] += (a - b).pow(2).mean().item() / (len(steps) * seeds)
-                sums[k]["by_step"][i] += (mine[2] - theirs[2]).pow(2).mean().item() / seeds
+                e_u, e_c, e_g = [(a - b).pow(2).mean().item() for a, b in zip(mine, theirs)]
+                sums[k]["uncond"] += e_u / (len(steps) * seeds)
+                sums[k]["cond"] += e_c / (len(steps) * seeds)
+                sums[k]["by_step"][i] += e_g / seeds
                 if own:  # the student's own path
                     xs[k] = models.ddim_step(fam, teacher.scheduler, xs[k], mine[2], t, prev)
             if not own:  # the teacher's own path
                 x = models.ddim_step(fam, teacher.scheduler, x, ref[2], t, prev)
+    for e in sums.values():  # the guided error over the path: the mean of its steps'
+        e["guided"] = sum(e["by_step"]) / len(steps)
     return sums
 
 
