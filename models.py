@@ -405,6 +405,8 @@ class Family:
     pairs_per_prompt: int = 1  # the loop's pairs a curated prompt, each from its own seed
     eval_samples: int = 1     # the loop's eval videos a prompt
     sft_cfg: float = 0.0      # the loop's ReDPO SFT on the CFG-guided prediction at this scale (0 = conditional)
+    sft_branches: bool = False  # the loop's guided SFT also on each branch (redpo.py --sft-branches)
+    sft_on: str = "winners"     # the loop's SFT members (redpo.py --sft-on; "both" adds the losers)
     keep_temporal_convs: int = 0  # the loop's pruning never removes the last N temporal convs (0 = no rule, the paper's)
     default_teacher: str = ""
     unet_config: dict = field(default_factory=dict)
@@ -422,7 +424,8 @@ FAMILIES = {
     # toy: all 48 pool prompts x 2 seeds (~80 pairs kept) and 60 steps of 4 pairs, about 3 epochs: the budget
     # chosen on the validation prompts (toy/RESULTS.md); 4 eval videos a prompt for stable means
     "toy": Family("toy", 32, 32, 8, 10, 6.0, 0.0, 8, 1e-4, 500.0, 2, 0.6, latent_factor=4,
-                  train_steps=60, pairs_per_prompt=2, eval_samples=4, sft_cfg=6.0, keep_temporal_convs=1,
+                  train_steps=60, pairs_per_prompt=2, eval_samples=4, sft_cfg=6.0, sft_branches=True, sft_on="both",
+                  keep_temporal_convs=1,
                   default_teacher=os.path.join(HERE, "toy", "teacher")),
 }
 

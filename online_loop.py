@@ -97,13 +97,14 @@ def get_parser():
                         "conditional one, the paper's; -1 = the family's: toy 6, chosen on validation, others 0)")
     p.add_argument("--train-steps", type=int, default=0, help="ReDPO optimizer steps per round (0 = toy 60, others 30)")
     p.add_argument("--train-batch-size", type=int, default=4, help="pairs per ReDPO step and process (x --nproc)")
-    p.add_argument("--lr", type=float, nargs="+", default=[], metavar="LR", help="ReDPO learning rate: one for every "
-                   "round, or one per round (the last for later rounds; one-shot takes the last) (default: the "
-                   "family's, every round: toy 1e-4, vc2 6e-6, animatediff 1e-5)")
+    p.add_argument("--lr", type=float, nargs="+", default=[], metavar="LR", help="ReDPO learning rate: one for every round, or "
+                   "one per round (the last for later rounds and one-shot) (default: toy 1e-4, vc2 6e-6, animatediff 1e-5)")
     p.add_argument("--train-layers", nargs="+", default=["all"], choices=["all", "temporal"], help="what ReDPO trains "
                    "(redpo.py): one for every round or one per round, as --lr (default: all; toy/RESULTS.md)")
-    p.add_argument("--sft-on", nargs="+", default=["winners"], choices=["winners", "both"], help="SFT on the winners "
-                   "(the paper's) or on both members (redpo.py): one for every round or one per round, as --lr")
+    p.add_argument("--sft-on", nargs="+", default=[], choices=["winners", "both"], help="SFT on the winners (the "
+                   "paper's) or on both members (redpo.py), per round as --lr (default: toy both, others winners)")
+    p.add_argument("--sft-branches", action=argparse.BooleanOptionalAction, default=None, help="redpo.py --sft-branches "
+                   "(guided SFT on each branch too) in every round (default: the family's: toy on, others off)")
     p.add_argument("--samples-per-prompt", type=int, default=0,
                    help="pairs per curated prompt, each from its own seed (0 = toy 2, others 1)")
     p.add_argument("--importance", default="reward", choices=["reward", "output"], help="pruning importance")
@@ -245,8 +246,7 @@ def wait_for(name, marker, work, poll=10.0, grace=300.0):
         print(f"[skip] {name}: {os.path.relpath(marker)} exists")
         return
     print(f"[wait] {name}: node 0 makes {os.path.relpath(marker)}", flush=True)
-    lock, t0 = os.path.join(work, "loop.lock"), time.time()
-    seen = t0
+    lock, t0, seen = os.path.join(work, "loop.lock"), time.time(), time.time()
     while not os.path.exists(marker):
         if os.path.exists(lock):
             seen = time.time()
@@ -272,9 +272,8 @@ def check_work_dir(args, path):
         old = models.read_json(path)
         default = vars(get_parser().parse_args([]))  # a flag newer than the record: it was run with its default
         made = {k: old.get(k, default.get(k)) for k in mine}
-        diff = [k for k in mine if made[k] != mine[k]]
-        if diff:
-            k = diff[0]
+        k = next((k for k in mine if made[k] != mine[k]), None)
+        if k is not None:
             raise models.UserError(f"{path}: this work dir was made with --{k.replace('_', '-')}={made[k]!r}, "
                                    f"not {mine[k]!r}; use another --work-dir")
     else:
@@ -343,6 +342,10 @@ def loop(args, lock):
             raise models.UserError(f"--{flag.replace('_', '-')} must be >= 0 (0 = the default), got {getattr(args, flag)}")
     per_prompt = args.samples_per_prompt or family.pairs_per_prompt
     keep_convs = family.keep_temporal_convs if args.keep_temporal_convs < 0 else args.keep_temporal_convs
+    sft_cfg = family.sft_cfg if args.sft_cfg < 0 else args.sft_cfg
+    branches = family.sft_branches and sft_cfg > 0 if args.sft_branches is None else args.sft_branches
+    if branches and not sft_cfg:
+        raise models.UserError("--sft-branches needs guided SFT (--sft-cfg > 0)")
     if not all(lr > 0 for lr in args.lr):
         raise models.UserError(f"--lr must be > 0 (got {' '.join(f'{lr:g}' for lr in args.lr)})")
     if args.guard is not None and not args.guard >= 0:
@@ -381,8 +384,7 @@ def loop(args, lock):
     if args.nnodes < 1 or not 0 <= args.node_rank < args.nnodes:
         raise models.UserError(f"--node-rank {args.node_rank} is not in 0..{args.nnodes - 1} (--nnodes {args.nnodes})")
     if args.nnodes > 1 and not args.rdzv_endpoint:
-        raise models.UserError("--nnodes > 1 needs --rdzv-endpoint HOST:PORT (node 0's host and a free port, the same "
-                               "on every node)")
+        raise models.UserError("--nnodes > 1 needs --rdzv-endpoint HOST:PORT (node 0's host and a free port, on every node)")
     work = os.path.abspath(args.work_dir)
     os.makedirs(work, exist_ok=True)
     models.take_lock(lock)
@@ -484,11 +486,11 @@ def loop(args, lock):
                 run("redpo", student,
                     ["redpo.py", *base, "--student", pruned, "--pairs", kept, "--out", student, "--loss", args.loss,
                      "--beta", args.beta or family.beta, "--w-sft", args.w_sft, "--reference", args.reference,
-                     "--uncond-prob", args.uncond_prob, "--sft-cfg", family.sft_cfg if args.sft_cfg < 0 else args.sft_cfg,
+                     "--uncond-prob", args.uncond_prob, "--sft-cfg", sft_cfg,
                      "--max-steps", steps, "--batch-size", args.train_batch_size,
                      "--lr", per_round(args.lr or [family.lr], k_train), "--seed", args.seed,
                      "--train-layers", per_round(args.train_layers, k_train),
-                     "--sft-on", per_round(args.sft_on, k_train),
+                     "--sft-on", per_round(args.sft_on or [family.sft_on], k_train), *(["--sft-branches"] if branches else []),
                      # real runs keep a training state every 100 steps: a rerun of the loop resumes inside ReDPO
                      *([] if toy else ["--save-every", 100])], log("redpo"), nproc=args.nproc)
         if args.eval_rounds == "all" or (args.eval_rounds == "last" and k == len(ratios)):

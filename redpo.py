@@ -3,20 +3,16 @@
 METHOD.md section 4. Input: a pairs JSONL (make_pairs.py / filter_pairs.py) whose rows point at cached latents
 and text embeddings, the teacher folder, and a student checkpoint (prune.py). Output: the trained student
 checkpoint (same format) and a JSONL training log beside it. Training never runs the VAE or the text encoder.
-One step = one student forward+backward on [winners; losers] with a shared t and eps, and one teacher forward
-under no_grad whose output is both the DPO reference and the SFT target. With probability --uncond-prob a pair
-is trained on the empty prompt instead of its own (both members), so the unconditional branch that
-classifier-free guidance uses at sampling time is distilled too. Every --log-every steps the log adds the
-gradient norms of the DPO and SFT terms taken apart, the DPO margin, and the student's distance to the teacher
-(conditional, unconditional, and guided as the CFG sampler combines them) on held-out pairs that are never
-trained on. With --sft-cfg w the SFT term compares the guided predictions eps(0) + w (eps(c) - eps(0)) (the
-winners seen once more with the empty prompt), the quantity a CFG sampler follows. Data order, t, eps and prompt
-dropout come from one seeded stream over the global batch (--batch-size x processes pairs a micro-batch, each
-rank training its own slice), so N processes train as one process with N times the --batch-size (up to float
-rounding). With --save-every N the training state (weights, optimizer, scheduler, step, RNG, data order, log) is
-written atomically to <out>.state.pt every N steps; rerunning the same command resumes from it and ends with the
-weights of an uninterrupted run. A non-finite input, loss or gradient norm stops with one line, before the
-optimizer step, keeping the last good state.
+One step = one student forward+backward on [winners; losers] at a shared t and eps and one teacher forward
+(no_grad): the DPO reference and the SFT target. --uncond-prob: a pair trains on the empty prompt (both members),
+so the unconditional branch CFG samples with is distilled too. Every --log-every steps the log adds the DPO and
+SFT terms' gradient norms apart, the DPO margin and the distance to the teacher (conditional, unconditional, and
+guided as the sampler combines them) on held-out pairs never trained on. --sft-cfg w: the SFT term compares the
+guided predictions eps(0) + w (eps(c) - eps(0)), what a CFG sampler follows (--sft-branches: each branch's too).
+One seeded stream over the global batch (--batch-size x processes) draws data order, t, eps and prompt dropout,
+so N processes train as one with N times the --batch-size. --save-every N writes the training state atomically to
+<out>.state.pt; the same command resumes from it to the weights of an uninterrupted run. A non-finite loss or
+gradient stops with one line, keeping the last good state.
 
 Tiny CPU:  python redpo.py --model toy --pairs runs/pairs.jsonl --student runs/pruned.safetensors \
                --out runs/redpo.safetensors --max-steps 50
@@ -55,6 +51,8 @@ def get_parser():
                    help="SFT on the guided prediction eps(0) + w (eps(c) - eps(0)) at this CFG scale w, the noise "
                         "estimate the sampler follows (0 = on the conditional prediction alone; needs "
                         "--sft-target teacher)")
+    p.add_argument("--sft-branches", action="store_true", help="with --sft-cfg: SFT on each branch too (the mean of the "
+                   "guided, unconditional and conditional errors): the branches cannot drift where the guided sum is blind")
     p.add_argument("--snr-gamma", type=float, default=0.0, help="min-SNR-gamma weighting of the SFT term: each pair's "
                    "term x min(1, gamma / SNR(t)), so the nearly clean timesteps count less (0 = off, uniform in t)")
     p.add_argument("--sft-on", default="winners", choices=["winners", "both"],
@@ -269,8 +267,10 @@ def train_step(family, scheduler, student, teacher_unet, reference, batch, args,
     beta = args.beta or family.beta  # 0 = the family default
     eps_theta_sft = eps_theta[:m]
     if guided:  # eps(0) + w (eps(c) - eps(0)) for the student and the teacher, in float32
-        eps_theta_sft = models.guide(eps_theta[2 * B:].float(), eps_theta[:m].float(), w_cfg)
-        eps_teacher_w = models.guide(eps_teacher_w[m:].float(), eps_teacher_w[:m].float(), w_cfg)
+        s_uc, t_uc = (eps_theta[2 * B:].float(), eps_theta[:m].float()), (eps_teacher_w[m:].float(), eps_teacher_w[:m].float())
+        eps_theta_sft, eps_teacher_w = models.guide(*s_uc, w_cfg), models.guide(*t_uc, w_cfg)
+        if args.sft_branches:  # [guided, uncond, cond] along channels: the SFT error is the mean of the three
+            eps_theta_sft, eps_teacher_w = torch.cat([eps_theta_sft, *s_uc], 1), torch.cat([eps_teacher_w, *t_uc], 1)
         eps_theta = eps_theta[:2 * B]
     if getattr(args, "snr_gamma", 0.0) > 0:  # min-SNR-gamma: both sides x sqrt(min(1, gamma / SNR)), the term x that
         ab = scheduler.alphas_cumprod.to(t.device)[t[:m]].float()
@@ -382,6 +382,8 @@ def main(args):
         raise models.UserError(f"--uncond-prob must be in [0, 1] (got {args.uncond_prob})")
     if args.sft_on == "both" and args.sft_target != "teacher":
         raise models.UserError("--sft-on both: needs --sft-target teacher (the losers' own noise is no target)")
+    if args.sft_branches and not args.sft_cfg:
+        raise models.UserError("--sft-branches: needs --sft-cfg w > 0 (without it SFT is on the conditional branch)")
     for flag, v in (("--sft-cfg", args.sft_cfg), ("--snr-gamma", args.snr_gamma)):
         if v < 0 or (v and args.sft_target != "teacher"):
             raise models.UserError(f"{flag} {v:g}: needs a value >= 0 and --sft-target teacher")
@@ -399,9 +401,7 @@ def main(args):
     params = trainable_parameters(family, student, args.train_layers)
     student.eval()  # dropout off (diffusers' temporal convs have 0.1): the student is compared with a
     #                 dropout-free reference, and L_DPO = log 2 must hold while they are equal
-    reference = None
-    if args.reference == "student0":
-        reference = copy.deepcopy(student).to(frozen).requires_grad_(False).eval()
+    reference = copy.deepcopy(student).to(frozen).requires_grad_(False).eval() if args.reference == "student0" else None
     if args.grad_checkpointing:
         checkpoint_blocks(student)
     model = student
@@ -438,8 +438,8 @@ def main(args):
     if rank == 0:
         print(f"redpo: {n_pairs} pairs to train on ({len(held_idx)} held out), "
               f"{sum(p.numel() for p in params):,} trainable parameters ({args.train_layers} layers), "
-              f"loss={args.loss} beta={beta:g} w_sft={args.w_sft} sft_cfg={args.sft_cfg:g} snr_gamma={args.snr_gamma:g} "
-              f"sft_on={args.sft_on} reference={args.reference} uncond_prob={args.uncond_prob} lr={lr:g} "
+              f"loss={args.loss} beta={beta:g} w_sft={args.w_sft} sft_cfg={args.sft_cfg:g} sft_branches={args.sft_branches} "
+              f"snr_gamma={args.snr_gamma:g} sft_on={args.sft_on} reference={args.reference} uncond_prob={args.uncond_prob} lr={lr:g} "
               f"steps={args.max_steps} (~{args.max_steps * args.batch_size * args.grad_accum * world / n_pairs:.1f} "
               f"epochs) world={world} device={device}")
     from tqdm import tqdm

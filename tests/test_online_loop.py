@@ -145,12 +145,12 @@ def test_a_work_dir_recorded_before_a_flag_existed_resumes_with_its_default(tmp_
     args = online_loop.get_parser().parse_args([])
     online_loop.check_work_dir(args, str(record))
     old = json.loads(record.read_text())
-    assert old["sft_on"] == ["winners"]
+    assert old["sft_on"] == []  # the family's
     del old["sft_on"]  # a work dir made before --sft-on existed
     record.write_text(json.dumps(old))
     online_loop.check_work_dir(args, str(record))  # resumes: it was run with the default
     both = online_loop.get_parser().parse_args(["--sft-on", "both"])
-    with pytest.raises(models.UserError, match=r"made with --sft-on=\['winners'\], not \['both'\]"):
+    with pytest.raises(models.UserError, match=r"made with --sft-on=\[\], not \['both'\]"):
         online_loop.check_work_dir(both, str(record))
     with pytest.raises(models.UserError, match=r"made with --seed=0, not 1"):
         online_loop.check_work_dir(online_loop.get_parser().parse_args(["--seed", "1"]), str(record))
@@ -168,6 +168,9 @@ def test_negative_budget_flags_are_refused(tmp_path):
             online_loop.main(args)
     args = online_loop.get_parser().parse_args(["--lr", "1e-4", "0", "--work-dir", str(tmp_path / "w")])
     with pytest.raises(models.UserError, match="--lr must be > 0"):
+        online_loop.main(args)
+    args = online_loop.get_parser().parse_args(["--sft-branches", "--sft-cfg", "0", "--work-dir", str(tmp_path / "w")])
+    with pytest.raises(models.UserError, match=r"--sft-branches needs guided SFT \(--sft-cfg > 0\)"):
         online_loop.main(args)
     assert not (tmp_path / "w").exists()
 
@@ -190,6 +193,7 @@ def test_the_embedded_toy_loop_with_reduced_settings(tmp_path):
     assert rows[2]["pairs_made"] == 8  # the toy's default: 2 pairs a curated prompt, each from its own seed
     trained = json.loads(models.read_student_meta(str(tmp_path / "work" / "round-1" / "student.safetensors"))["args"])
     assert trained["sft_cfg"] == models.get_family("toy").sft_cfg == 6.0  # the toy's guided SFT reaches redpo
+    assert trained["sft_branches"] == models.get_family("toy").sft_branches  # and its SFT on the branches
     second = json.loads(models.read_student_meta(str(tmp_path / "work" / "round-2" / "student.safetensors"))["args"])
     assert (trained["lr"], second["lr"]) == (3e-5, 1e-4)  # --lr per round reaches each round's redpo
     assert (trained["train_layers"], second["train_layers"]) == ("temporal", "all")  # --train-layers per round too

@@ -343,8 +343,18 @@ def test_sft_on_both_members_distills_the_teacher_on_the_losers_too(vc2_dir, pru
             assert got["both"]["sft"].item() == pytest.approx(per_member.mean().item(), rel=1e-5)
             assert abs(per_member[B:].mean() - per_member[:B].mean()) > 1e-3 * per_member.mean()  # they differ
             assert got["both"]["dpo"].item() == pytest.approx(got["winners"]["dpo"].item(), rel=1e-6)
+            if w:  # --sft-branches: the guided, unconditional and conditional errors averaged, per member
+                args = redpo.get_parser().parse_args(["--pairs", "x", "--out", "y", "--beta", "50", "--sft-cfg",
+                                                      str(w), "--sft-on", "both", "--sft-branches"])
+                br = redpo.train_step(fam, teacher.scheduler, student, teacher.unet, ref, (x0_w, x0_l, emb, t, eps),
+                                      args, False, "cpu", uncond=uncond)[1]
+                three = (per_member + member(pred(student, u), pred(teacher.unet, u)) +
+                         member(pred(student, emb), pred(teacher.unet, emb))) / 3
+                assert br["sft"].item() == pytest.approx(three.mean().item(), rel=1e-5)
+                assert br["dpo"].item() == pytest.approx(got["winners"]["dpo"].item(), rel=1e-6)
     assert_refused(vc2_dir, pruned, pairs, tmp_path, ["--sft-on", "both", "--sft-target", "noise"],
                    "--sft-on both: needs --sft-target teacher")
+    assert_refused(vc2_dir, pruned, pairs, tmp_path, ["--sft-branches"], "--sft-branches: needs --sft-cfg")
 
 
 def test_min_snr_weighting_scales_each_pairs_sft_term_by_its_timestep(vc2_dir, pruned, pairs, tmp_path):
