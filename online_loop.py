@@ -343,7 +343,7 @@ def loop(args, lock):
     per_prompt = args.samples_per_prompt or family.pairs_per_prompt
     keep_convs = family.keep_temporal_convs if args.keep_temporal_convs < 0 else args.keep_temporal_convs
     sft_cfg = family.sft_cfg if args.sft_cfg < 0 else args.sft_cfg
-    branches = family.sft_branches and sft_cfg > 0 if args.sft_branches is None else args.sft_branches
+    branches = (family.sft_branches and sft_cfg > 0) if args.sft_branches is None else args.sft_branches
     if branches and not sft_cfg:
         raise models.UserError("--sft-branches needs guided SFT (--sft-cfg > 0)")
     if not all(lr > 0 for lr in args.lr):

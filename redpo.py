@@ -10,9 +10,9 @@ SFT terms' gradient norms apart, the DPO margin and the distance to the teacher 
 guided as the sampler combines them) on held-out pairs never trained on. --sft-cfg w: the SFT term compares the
 guided predictions eps(0) + w (eps(c) - eps(0)), what a CFG sampler follows (--sft-branches: each branch's too).
 One seeded stream over the global batch (--batch-size x processes) draws data order, t, eps and prompt dropout,
-so N processes train as one with N times the --batch-size. --save-every N writes the training state atomically to
-<out>.state.pt; the same command resumes from it to the weights of an uninterrupted run. A non-finite loss or
-gradient stops with one line, keeping the last good state.
+so N processes train as one with N times the --batch-size (up to float rounding). --save-every N writes the
+training state atomically to <out>.state.pt, from which the same command resumes to an uninterrupted run's weights.
+A non-finite input, loss or gradient norm stops with one line before the optimizer step, keeping the last good state.
 
 Tiny CPU:  python redpo.py --model toy --pairs runs/pairs.jsonl --student runs/pruned.safetensors \
                --out runs/redpo.safetensors --max-steps 50
