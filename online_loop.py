@@ -95,7 +95,8 @@ def get_parser():
     p.add_argument("--sft-cfg", type=float, default=-1.0,
                    help="SFT on the teacher's CFG-guided prediction at this scale (redpo.py --sft-cfg; 0 = on the "
                         "conditional one, the paper's; -1 = the family's: toy 6, chosen on validation, others 0)")
-    p.add_argument("--train-steps", type=int, default=0, help="ReDPO optimizer steps per round (0 = toy 60, others 30)")
+    p.add_argument("--train-steps", type=int, nargs="+", default=[], metavar="N", help="ReDPO optimizer steps: one for "
+                   "every round, or one per round as --lr (0 = the family's: toy 60, others 30)")
     p.add_argument("--train-batch-size", type=int, default=4, help="pairs per ReDPO step and process (x --nproc)")
     p.add_argument("--lr", type=float, nargs="+", default=[], metavar="LR", help="ReDPO learning rate: one for every round, or "
                    "one per round (the last for later rounds and one-shot) (default: toy 1e-4, vc2 6e-6, animatediff 1e-5)")
@@ -338,8 +339,9 @@ def loop(args, lock):
         raise models.UserError(f"--final-ratio must be in (0, 1), got {final}")
     toy = args.model == "toy"
     for flag in ("max_pair_prompts", "samples_per_prompt", "train_steps", "eval_samples"):
-        if getattr(args, flag) < 0:
-            raise models.UserError(f"--{flag.replace('_', '-')} must be >= 0 (0 = the default), got {getattr(args, flag)}")
+        values = getattr(args, flag) if flag == "train_steps" else [getattr(args, flag)]
+        if min(values, default=0) < 0:
+            raise models.UserError(f"--{flag.replace('_', '-')} must be >= 0 (0 = the default), got {' '.join(map(str, values))}")
     per_prompt = args.samples_per_prompt or family.pairs_per_prompt
     keep_convs = family.keep_temporal_convs if args.keep_temporal_convs < 0 else args.keep_temporal_convs
     sft_cfg = family.sft_cfg if args.sft_cfg < 0 else args.sft_cfg
@@ -435,8 +437,6 @@ def loop(args, lock):
 
     names, previous = [], ""
     ratios = [final] if args.no_online else budgets(rounds, final, args.schedule)
-    # one-shot trains --train-steps at the final size: as many steps there as the online loop's last round
-    steps = args.train_steps or family.train_steps
     for k, ratio in enumerate(ratios, 1):
         name = "oneshot" if args.no_online else f"round-{k}"
         names.append(name)
@@ -464,8 +464,7 @@ def loop(args, lock):
         run("curate prompts", curated,
             ["filter_pairs.py", "--job", "curate", "--prompts", pool, "--report", report, "--out", curated,
              "--max-prompts", args.max_pair_prompts, "--seed", args.seed * 1000 + k], log("curate"))
-        run("make pairs", pairs,
-            ["make_pairs.py", *base, "--student", pruned, "--prompts", curated, "--out-dir",
+        run("make pairs", pairs, ["make_pairs.py", *base, "--student", pruned, "--prompts", curated, "--out-dir",
              os.path.join(rd, "pairs"), "--teacher-cache", os.path.join(work, "teacher_cache"), *sampling,
              "--samples-per-prompt", per_prompt, "--round", k, "--seed", args.seed], log("make_pairs"), nproc=args.nproc)
         run("filter pairs", kept,
@@ -483,6 +482,7 @@ def loop(args, lock):
                 os.replace(student + ".tmp", student)
             else:
                 k_train = rounds_online if args.no_online else k  # one-shot trains with the last round's settings
+                steps = per_round(args.train_steps or [0], k_train) or family.train_steps
                 run("redpo", student,
                     ["redpo.py", *base, "--student", pruned, "--pairs", kept, "--out", student, "--loss", args.loss,
                      "--beta", args.beta or family.beta, "--w-sft", args.w_sft, "--reference", args.reference,

@@ -33,6 +33,8 @@ def toy_prompts(tmp_path_factory):
 def test_two_rounds_on_tiny_vc2_and_resume(vc2_dir, toy_prompts, tmp_path):
     work = str(tmp_path / "work")
     args = loop_args("vc2", ["--teacher", vc2_dir], work, toy_prompts)
+    i = args.index("--train-steps")
+    args[i + 1:i + 2] = ["1", "2"]  # one per round
     out = run("online_loop.py", *args).stdout
     assert "| round-0 | teacher |" in out and "| round-2 | student |" in out
     rows = models.read_json(os.path.join(work, "results.json"))["rows"]
@@ -46,6 +48,7 @@ def test_two_rounds_on_tiny_vc2_and_resume(vc2_dir, toy_prompts, tmp_path):
         rd = os.path.join(work, f"round-{k}")
         meta = models.read_student_meta(os.path.join(rd, "student.safetensors"))
         assert meta["round"] == str(k) and meta["stage"] == "redpo"
+        assert len(open(os.path.join(rd, "student.log.jsonl")).readlines()) == k  # --train-steps 1 2: round k's
         assert models.read_student_meta(os.path.join(rd, "pruned.safetensors"))["stage"] == "prune"
         models.read_jsonl(os.path.join(rd, "pairs", "pairs.jsonl"), required=("winner.latents", "loser.video"))
         models.read_jsonl(os.path.join(rd, "pairs", "filtered.jsonl"), required=("scores.winner", "S.loser", "targets"))
@@ -78,13 +81,13 @@ def test_one_shot_and_animatediff(animatediff_dirs, toy_prompts, tmp_path):
     work = str(tmp_path / "work")
     sd, adapter = animatediff_dirs
     out = run("online_loop.py", *loop_args("animatediff", ["--teacher", sd, "--motion-adapter", adapter], work,
-                                           toy_prompts), "--no-online", "--loss", "sft").stdout
+                                           toy_prompts), "--no-online", "--loss", "sft", "--train-steps", "1", "2").stdout
     assert "| oneshot | student |" in out and "round-1" not in out
     assert "redpo: wrote" in open(os.path.join(work, "oneshot", "logs", "redpo.log")).read()  # the stage's output
     rows = models.read_json(os.path.join(work, "results.json"))["rows"]
     assert rows[-1]["params"] <= 0.6 * rows[0]["params"]
     log = [json.loads(ln) for ln in open(os.path.join(work, "oneshot", "student.log.jsonl"))]
-    assert len(log) == 2  # one-shot trains --train-steps at the final size, as the online loop's last round
+    assert len(log) == 2  # one-shot trains the last round's --train-steps (at the final size, as the online loop)
     trained = json.loads(models.read_student_meta(os.path.join(work, "oneshot", "student.safetensors"))["args"])
     assert trained["loss"] == "sft" and trained["sft_cfg"] == 0.0  # real families: the paper's conditional SFT
     assert trained["lr"] == 1e-3
