@@ -273,6 +273,8 @@ def check_work_dir(args, path):
         old = models.read_json(path)
         default = vars(get_parser().parse_args([]))  # a flag newer than the record: it was run with its default
         made = {k: old.get(k, default.get(k)) for k in mine}
+        if isinstance(made["train_steps"], int):  # recorded when it was one number for every round (0 = default)
+            made["train_steps"] = [made["train_steps"]] if made["train_steps"] else []
         k = next((k for k in mine if made[k] != mine[k]), None)
         if k is not None:
             raise models.UserError(f"{path}: this work dir was made with --{k.replace('_', '-')}={made[k]!r}, "
@@ -339,9 +341,8 @@ def loop(args, lock):
         raise models.UserError(f"--final-ratio must be in (0, 1), got {final}")
     toy = args.model == "toy"
     for flag in ("max_pair_prompts", "samples_per_prompt", "train_steps", "eval_samples"):
-        values = getattr(args, flag) if flag == "train_steps" else [getattr(args, flag)]
-        if min(values, default=0) < 0:
-            raise models.UserError(f"--{flag.replace('_', '-')} must be >= 0 (0 = the default), got {' '.join(map(str, values))}")
+        if min(getattr(args, flag) if flag == "train_steps" else [getattr(args, flag)], default=0) < 0:
+            raise models.UserError(f"--{flag.replace('_', '-')} must be >= 0 (0 = the default), got {getattr(args, flag)}")
     per_prompt = args.samples_per_prompt or family.pairs_per_prompt
     keep_convs = family.keep_temporal_convs if args.keep_temporal_convs < 0 else args.keep_temporal_convs
     sft_cfg = family.sft_cfg if args.sft_cfg < 0 else args.sft_cfg
@@ -510,8 +511,7 @@ def loop(args, lock):
     with models.atomic_path(os.path.join(work, "results.md")) as tmp, open(tmp, "w") as f:
         f.write(f"V.I.P. on {args.model}: {'one-shot (no online)' if args.no_online else f'{rounds} online rounds'}, "
                 f"loss {args.loss}, final ratio {final:.3f}, scorer {scorer_name}\n\n{text}\n")
-    total = time.time() - t0
-    print(f"\n{text}\n\nV.I.P. finished in {total:.0f}s (" + ", ".join(
+    print(f"\n{text}\n\nV.I.P. finished in {time.time() - t0:.0f}s (" + ", ".join(
         f"{k} {v:.0f}s" for k, v in sorted(seconds.items(), key=lambda kv: -kv[1]) if v >= 0.5)
         + f"); results in {os.path.relpath(work)}/results.md")
 

@@ -209,3 +209,18 @@ def test_the_embedded_toy_loop_with_reduced_settings(tmp_path):
     assert sum(".temp_convs." in p for p in pruned["removed"]) <= 10  # the last of the 11 is never removed
     summary = models.read_json(str(tmp_path / "work" / "round-1" / "pairs" / "filtered.json"))
     assert summary["guard"] == 0.05 and "winner_worse_on_a_dim" in summary["counts"]  # --guard reaches the filter
+
+
+def test_work_dir_recorded_with_one_train_steps_number_still_resumes(tmp_path):
+    """A work dir recorded when --train-steps was one number: 0 (the default) and N equal [] and [N] now."""
+    record = str(tmp_path / "loop.args.json")
+    parse = lambda *argv: online_loop.get_parser().parse_args([*argv, "--work-dir", str(tmp_path)])
+    old = vars(parse())
+    for was, now, ok in ((0, [], True), (60, ["60"], True), (60, ["60", "180"], False), (0, ["60"], False)):
+        models.write_json(record, {**old, "train_steps": was})
+        args = parse(*(["--train-steps", *now] if now else []))
+        if ok:
+            online_loop.check_work_dir(args, record)
+        else:
+            with pytest.raises(models.UserError, match="made with --train-steps="):
+                online_loop.check_work_dir(args, record)
