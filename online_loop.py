@@ -15,8 +15,7 @@ otherwise inside this process (the stage's own `main(args)`, its output logged t
 WORK_DIR/round-k/. A step is complete when its final file exists (stages write it last and atomically): a rerun
 skips complete steps and redoes partial ones (ReDPO on vc2 / animatediff continues from its training state,
 saved every 100 steps). The teacher's videos are cached in WORK_DIR/teacher_cache and reused by every round. It
-ends by printing one table: per round, parameters, FLOPs, the four scores and their average, pairs made and kept
-(also written to WORK_DIR/results.md and results.json).
+ends by printing one table: per round, parameters, FLOPs, scores, pairs made and kept (also in WORK_DIR/results.md, .json).
 
 Laptop (the embedded toy, minutes on a CPU):  python online_loop.py
 Ablations:   python online_loop.py --loss sft    |   python online_loop.py --no-online
@@ -273,8 +272,9 @@ def check_work_dir(args, path):
         old = models.read_json(path)
         default = vars(get_parser().parse_args([]))  # a flag newer than the record: it was run with its default
         made = {k: old.get(k, default.get(k)) for k in mine}
-        if isinstance(made["train_steps"], int):  # recorded when it was one number for every round (0 = default)
-            made["train_steps"] = [made["train_steps"]] if made["train_steps"] else []
+        for d in (made, mine):  # --train-steps: an int in a dir recorded before it went per round; all 0 = default
+            v = d["train_steps"] if isinstance(d["train_steps"], list) else [d["train_steps"]]
+            d["train_steps"] = v if any(v) else []
         k = next((k for k in mine if made[k] != mine[k]), None)
         if k is not None:
             raise models.UserError(f"{path}: this work dir was made with --{k.replace('_', '-')}={made[k]!r}, "
@@ -341,7 +341,7 @@ def loop(args, lock):
         raise models.UserError(f"--final-ratio must be in (0, 1), got {final}")
     toy = args.model == "toy"
     for flag in ("max_pair_prompts", "samples_per_prompt", "train_steps", "eval_samples"):
-        if min(getattr(args, flag) if flag == "train_steps" else [getattr(args, flag)], default=0) < 0:
+        if min(v if isinstance(v := getattr(args, flag), list) else [v], default=0) < 0:
             raise models.UserError(f"--{flag.replace('_', '-')} must be >= 0 (0 = the default), got {getattr(args, flag)}")
     per_prompt = args.samples_per_prompt or family.pairs_per_prompt
     keep_convs = family.keep_temporal_convs if args.keep_temporal_convs < 0 else args.keep_temporal_convs

@@ -212,11 +212,13 @@ def test_the_embedded_toy_loop_with_reduced_settings(tmp_path):
 
 
 def test_work_dir_recorded_with_one_train_steps_number_still_resumes(tmp_path):
-    """A work dir recorded when --train-steps was one number: 0 (the default) and N equal [] and [N] now."""
+    """A work dir recorded when --train-steps was one number: 0 (the default) and N equal [] and [N] now; an explicit
+    0 is the default too."""
     record = str(tmp_path / "loop.args.json")
     parse = lambda *argv: online_loop.get_parser().parse_args([*argv, "--work-dir", str(tmp_path)])
     old = vars(parse())
-    for was, now, ok in ((0, [], True), (60, ["60"], True), (60, ["60", "180"], False), (0, ["60"], False)):
+    for was, now, ok in ((0, [], True), (60, ["60"], True), (60, ["60", "180"], False), (0, ["60"], False),
+                         ([0], [], True), ([], ["0", "0"], True), ([0, 180], ["0", "180"], True), ([60], [], False)):
         models.write_json(record, {**old, "train_steps": was})
         args = parse(*(["--train-steps", *now] if now else []))
         if ok:
