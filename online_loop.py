@@ -95,7 +95,7 @@ def get_parser():
                    help="SFT on the teacher's CFG-guided prediction at this scale (redpo.py --sft-cfg; 0 = on the "
                         "conditional one, the paper's; -1 = the family's: toy 6, chosen on validation, others 0)")
     p.add_argument("--train-steps", type=int, nargs="+", default=[], metavar="N", help="ReDPO optimizer steps: one for "
-                   "every round, or one per round as --lr (0 = the family's: toy 60, others 30)")
+                   "every round, or one per round as --lr (0 = the family's: toy 60 180, others 30)")
     p.add_argument("--train-batch-size", type=int, default=4, help="pairs per ReDPO step and process (x --nproc)")
     p.add_argument("--lr", type=float, nargs="+", default=[], metavar="LR", help="ReDPO learning rate: one for every round, or "
                    "one per round (the last for later rounds and one-shot) (default: toy 1e-4, vc2 6e-6, animatediff 1e-5)")
@@ -483,7 +483,7 @@ def loop(args, lock):
                 os.replace(student + ".tmp", student)
             else:
                 k_train = rounds_online if args.no_online else k  # one-shot trains with the last round's settings
-                steps = per_round(args.train_steps or [0], k_train) or family.train_steps
+                steps = per_round(args.train_steps or [0], k_train) or per_round(family.train_steps, k_train)
                 run("redpo", student,
                     ["redpo.py", *base, "--student", pruned, "--pairs", kept, "--out", student, "--loss", args.loss,
                      "--beta", args.beta or family.beta, "--w-sft", args.w_sft, "--reference", args.reference,

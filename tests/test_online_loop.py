@@ -1,4 +1,5 @@
 """online_loop.py: the whole chain for 2 rounds on tiny models, resuming, the schedule, and errors."""
+import dataclasses
 import json
 import os
 import shutil
@@ -178,17 +179,22 @@ def test_negative_budget_flags_are_refused(tmp_path):
     assert not (tmp_path / "w").exists()
 
 
-def test_the_embedded_toy_loop_with_reduced_settings(tmp_path):
-    """`python online_loop.py` on the shipped toy teacher, with its own prompt files and the toy judge."""
+def test_the_embedded_toy_loop_with_reduced_settings(tmp_path, monkeypatch, capsys):
+    """`python online_loop.py` on the shipped toy teacher, with its own prompt files and the toy judge (in this
+    process, as the loop runs its stages, so that the family's per-round steps can be made tiny: 1, then 2)."""
     from toy import world
 
     evalp = tmp_path / "eval.txt"
     evalp.write_text("\n".join(world.eval_prompts()[:3]) + "\n")
-    out = run("online_loop.py", "--work-dir", tmp_path / "work", "--eval-prompts", evalp, "--train-steps", "2",
-              "--steps", "4", "--probe-steps", "2", "--num-probe", "2", "--probe-seeds", "1", "2", "--max-pair-prompts", "4",
-              "--eval-samples", "1", "--no-filter", "--guard", "0.05", "--lr", "3e-5", "1e-4",
-              "--train-layers", "temporal", "all", "--sft-on", "both", "winners").stdout
+    monkeypatch.setitem(models.FAMILIES, "toy", dataclasses.replace(models.FAMILIES["toy"], train_steps=(1, 2)))
+    online_loop.main(online_loop.get_parser().parse_args(map(str, [
+        "--work-dir", tmp_path / "work", "--eval-prompts", evalp, "--steps", "4", "--probe-steps", "2", "--num-probe",
+        "2", "--probe-seeds", "1", "2", "--max-pair-prompts", "4", "--eval-samples", "1", "--no-filter", "--guard",
+        "0.05", "--lr", "3e-5", "1e-4", "--train-layers", "temporal", "all", "--sft-on", "both", "winners"])))
+    out = capsys.readouterr().out
     assert "V.I.P. finished" in out and "| round-2 | student |" in out
+    for k in (1, 2):  # no --train-steps: each round trains the family's steps for that round
+        assert len(open(tmp_path / "work" / f"round-{k}" / "student.log.jsonl").readlines()) == k
     rows = models.read_json(str(tmp_path / "work" / "results.json"))["rows"]
     assert [r["model"] for r in rows] == ["teacher", "pruned", "student", "pruned", "student"]
     assert rows[-1]["params"] <= models.get_family("toy").final_ratio * rows[0]["params"]
