@@ -72,10 +72,8 @@ DIM_SHORT = models.DIM_SHORT
 def get_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="toy", choices=list(models.FAMILIES), help="model family")
-    p.add_argument("--teacher", default="",
-                   help="teacher folder (default: toy/teacher; vc2 ckpt/vc2; animatediff ckpt/sd15)")
-    p.add_argument("--motion-adapter", default="",
-                   help="MotionAdapter folder or .ckpt (animatediff; default ckpt/animatediff-v1-5-2)")
+    p.add_argument("--teacher", default="", help="teacher folder (default: toy/teacher; vc2 ckpt/vc2; animatediff ckpt/sd15)")
+    p.add_argument("--motion-adapter", default="", help="MotionAdapter folder or .ckpt (animatediff; default ckpt/animatediff-v1-5-2)")
     p.add_argument("--work-dir", default="runs/vip", help="every round's outputs go under this folder")
     p.add_argument("--rounds", type=int, default=0, help="online rounds K (0 = the paper's: vc2 2, animatediff 3)")
     p.add_argument("--final-ratio", type=float, default=0.0,
@@ -114,8 +112,7 @@ def get_parser():
                    help="prompts for importance and targets (default: toy/prompts/probe.txt; others prompts/probe.txt)")
     p.add_argument("--eval-prompts", default="",
                    help="held-out prompts for evaluation (default: toy/prompts/eval.txt; others prompts/eval.txt)")
-    p.add_argument("--max-pair-prompts", type=int, default=0,
-                   help="curated prompts made into pairs per round (0 = all, the default)")
+    p.add_argument("--max-pair-prompts", type=int, default=0, help="curated prompts made into pairs per round (0 = all, the default)")
     p.add_argument("--num-probe", type=int, default=8, help="probe prompts used for pruning importance")
     p.add_argument("--probe-seeds", type=int, nargs="+", default=[2, 4], help="importance seed sets, per round as --lr (2 4)")
     p.add_argument("--keep-temporal-convs", type=int, default=-1, metavar="N", help="pruning never removes the last "
@@ -473,6 +470,11 @@ def loop(args, lock):
              "--score-cache", os.path.join(work, "score_cache.jsonl"), *(["--keep-all"] if args.no_filter else []),
              "--tau", args.tau, *(["--guard", args.guard] if args.guard is not None else []), "--device", args.device],
             log("filter"), nproc=args.nproc)
+        k_train = rounds_online if args.no_online else k  # one-shot trains with the last round's settings
+        steps = per_round(args.train_steps or [0], k_train) or per_round(family.train_steps, k_train)
+        made = json.loads(models.read_student_meta(student)["args"]) if os.path.exists(student) else {}
+        if made.get("max_steps", steps) != steps:  # e.g. a family default changed since this work dir was made
+            raise models.UserError(f"{student}: trained for {made['max_steps']} steps, not {steps}; use another --work-dir")
         if not os.path.exists(student):
             nothing = count_lines(kept) == 0  # nothing to learn from: the round keeps the pruned student
             if nothing and args.node_rank:
@@ -482,8 +484,6 @@ def loop(args, lock):
                 shutil.copyfile(pruned, student + ".tmp")
                 os.replace(student + ".tmp", student)
             else:
-                k_train = rounds_online if args.no_online else k  # one-shot trains with the last round's settings
-                steps = per_round(args.train_steps or [0], k_train) or per_round(family.train_steps, k_train)
                 run("redpo", student,
                     ["redpo.py", *base, "--student", pruned, "--pairs", kept, "--out", student, "--loss", args.loss,
                      "--beta", args.beta or family.beta, "--w-sft", args.w_sft, "--reference", args.reference,

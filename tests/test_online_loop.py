@@ -187,10 +187,11 @@ def test_the_embedded_toy_loop_with_reduced_settings(tmp_path, monkeypatch, caps
     evalp = tmp_path / "eval.txt"
     evalp.write_text("\n".join(world.eval_prompts()[:3]) + "\n")
     monkeypatch.setitem(models.FAMILIES, "toy", dataclasses.replace(models.FAMILIES["toy"], train_steps=(1, 2)))
-    online_loop.main(online_loop.get_parser().parse_args(map(str, [
+    argv = list(map(str, [
         "--work-dir", tmp_path / "work", "--eval-prompts", evalp, "--steps", "4", "--probe-steps", "2", "--num-probe",
         "2", "--probe-seeds", "1", "2", "--max-pair-prompts", "4", "--eval-samples", "1", "--no-filter", "--guard",
-        "0.05", "--lr", "3e-5", "1e-4", "--train-layers", "temporal", "all", "--sft-on", "both", "winners"])))
+        "0.05", "--lr", "3e-5", "1e-4", "--train-layers", "temporal", "all", "--sft-on", "both", "winners"]))
+    online_loop.main(online_loop.get_parser().parse_args(argv))
     out = capsys.readouterr().out
     assert "V.I.P. finished" in out and "| round-2 | student |" in out
     for k in (1, 2):  # no --train-steps: each round trains the family's steps for that round
@@ -215,6 +216,10 @@ def test_the_embedded_toy_loop_with_reduced_settings(tmp_path, monkeypatch, caps
     assert sum(".temp_convs." in p for p in pruned["removed"]) <= 10  # the last of the 11 is never removed
     summary = models.read_json(str(tmp_path / "work" / "round-1" / "pairs" / "filtered.json"))
     assert summary["guard"] == 0.05 and "winner_worse_on_a_dim" in summary["counts"]  # --guard reaches the filter
+    # the family's default changes after the work dir was made: a rerun refuses round 2's student instead of reusing it
+    monkeypatch.setitem(models.FAMILIES, "toy", dataclasses.replace(models.FAMILIES["toy"], train_steps=(1, 3)))
+    with pytest.raises(models.UserError, match="round-2/student.safetensors: trained for 2 steps, not 3"):
+        online_loop.main(online_loop.get_parser().parse_args(argv))
 
 
 def test_work_dir_recorded_with_one_train_steps_number_still_resumes(tmp_path):
