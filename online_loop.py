@@ -197,8 +197,7 @@ def run_inline(argv, log):
 def launcher(nproc, nnodes=1, endpoint="", run_id="vip"):
     """The command that starts a stage script: Python, under torchrun for several processes or nodes."""
     torchrun = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}"]
-    if nnodes > 1:  # every node's torchrun joins one rendezvous (c10d numbers the nodes: no --node-rank);
-        #             a run id per step keeps the steps apart
+    if nnodes > 1:  # every node's torchrun joins one rendezvous (c10d numbers the nodes); one run id per step
         return torchrun + [f"--nnodes={nnodes}", "--rdzv-backend=c10d", f"--rdzv-endpoint={endpoint}",
                            f"--rdzv-id={run_id}"]
     return torchrun + ["--standalone"] if nproc > 1 else [sys.executable]
@@ -338,8 +337,9 @@ def loop(args, lock):
         raise models.UserError(f"--final-ratio must be in (0, 1), got {final}")
     toy = args.model == "toy"
     for flag in ("max_pair_prompts", "samples_per_prompt", "train_steps", "eval_samples"):
-        if min(v if isinstance(v := getattr(args, flag), list) else [v], default=0) < 0:
-            raise models.UserError(f"--{flag.replace('_', '-')} must be >= 0 (0 = the default), got {getattr(args, flag)}")
+        values = getattr(args, flag) if isinstance(getattr(args, flag), list) else [getattr(args, flag)]
+        if min(values, default=0) < 0:
+            raise models.UserError(f"--{flag.replace('_', '-')} must be >= 0 (0 = the default), got {' '.join(map(str, values))}")
     per_prompt = args.samples_per_prompt or family.pairs_per_prompt
     keep_convs = family.keep_temporal_convs if args.keep_temporal_convs < 0 else args.keep_temporal_convs
     sft_cfg = family.sft_cfg if args.sft_cfg < 0 else args.sft_cfg
