@@ -63,8 +63,7 @@ CKPT_HOW = {
                  "(hf download stable-diffusion-v1-5/stable-diffusion-v1-5 --local-dir ckpt/sd15)",
     "ckpt/animatediff-v1-5-2": "download guoyww/animatediff-motion-adapter-v1-5-2 into it (hf download "
                                "guoyww/animatediff-motion-adapter-v1-5-2 --local-dir ckpt/animatediff-v1-5-2)",
-    "ckpt/VideoScore": "download TIGER-Lab/VideoScore into it "
-                       "(hf download TIGER-Lab/VideoScore --local-dir ckpt/VideoScore)",
+    "ckpt/VideoScore": "download TIGER-Lab/VideoScore into it (hf download TIGER-Lab/VideoScore --local-dir ckpt/VideoScore)",
 }
 DIM_SHORT = models.DIM_SHORT
 
@@ -80,18 +79,15 @@ def get_parser():
                    help="prunable parameters kept after the last round (0 = the paper's: vc2 0.638, animatediff 0.325)")
     p.add_argument("--schedule", default="linear", choices=["linear", "geometric"], help="per-round budget: "
                    "equal parameter cuts, or an equal fraction kept each round")
-    p.add_argument("--no-online", action="store_true",
-                   help="ablation: prune once to the final size and train once (--train-steps, as the last round)")
+    p.add_argument("--no-online", action="store_true", help="ablation: prune once to the final size, train once (as the last round)")
     p.add_argument("--loss", default="redpo", choices=["redpo", "dpo", "sft"], help="training loss (ablations)")
     p.add_argument("--beta", type=float, default=0.0, help="DPO temperature (0 = the family's: toy 500, others 5000)")
     p.add_argument("--w-sft", type=float, default=1.0, help="SFT weight in ReDPO")
-    p.add_argument("--reference", default="student0", choices=["teacher", "student0"],
-                   help="DPO reference: the round's pruned student (Diffusion-DPO's convention; chosen on the toy's "
-                        "validation prompts) or the teacher M_0 (the paper's figure)")
+    p.add_argument("--reference", default="student0", choices=["teacher", "student0"], help="DPO reference: the round's pruned "
+                   "student (Diffusion-DPO's convention; chosen on the toy's validation prompts) or the teacher M_0 (the paper's)")
     p.add_argument("--uncond-prob", type=float, default=0.1, help="prompt dropout in ReDPO (trains the CFG branch)")
-    p.add_argument("--sft-cfg", type=float, default=-1.0,
-                   help="SFT on the teacher's CFG-guided prediction at this scale (redpo.py --sft-cfg; 0 = on the "
-                        "conditional one, the paper's; -1 = the family's: toy 6, chosen on validation, others 0)")
+    p.add_argument("--sft-cfg", type=float, default=-1.0, help="SFT on the teacher's CFG-guided prediction at this scale "
+                   "(redpo.py; 0 = on the conditional one, the paper's; -1 = the family's: toy 6, chosen on validation, others 0)")
     p.add_argument("--train-steps", type=int, nargs="+", default=[], metavar="N", help="ReDPO optimizer steps: one for "
                    "every round, or one per round as --lr (0 = the family's: toy 60 180, others 30)")
     p.add_argument("--train-batch-size", type=int, default=4, help="pairs per ReDPO step and process (x --nproc)")
@@ -103,34 +99,27 @@ def get_parser():
                    "paper's) or on both members (redpo.py), per round as --lr (default: toy both, others winners)")
     p.add_argument("--sft-branches", action=argparse.BooleanOptionalAction, default=None, help="redpo.py --sft-branches "
                    "(guided SFT on each branch too) in every round (default: the family's: toy on, others off)")
-    p.add_argument("--samples-per-prompt", type=int, default=0,
-                   help="pairs per curated prompt, each from its own seed (0 = toy 2, others 1)")
+    p.add_argument("--samples-per-prompt", type=int, default=0, help="pairs per curated prompt, each its own seed (0 = toy 2, others 1)")
     p.add_argument("--importance", default="reward", choices=["reward", "output"], help="pruning importance")
-    p.add_argument("--prompt-pool", default="",
-                   help="prompts to curate pairs from (default: toy/prompts/pool.txt; others prompts/pool.txt)")
-    p.add_argument("--probe-prompts", default="",
-                   help="prompts for importance and targets (default: toy/prompts/probe.txt; others prompts/probe.txt)")
-    p.add_argument("--eval-prompts", default="",
-                   help="held-out prompts for evaluation (default: toy/prompts/eval.txt; others prompts/eval.txt)")
+    p.add_argument("--prompt-pool", default="", help="pair prompts (default: toy/prompts/pool.txt; others prompts/pool.txt)")
+    p.add_argument("--probe-prompts", default="", help="importance and targets (default: toy/prompts/probe.txt; others prompts/)")
+    p.add_argument("--eval-prompts", default="", help="held-out eval prompts (default: toy/prompts/eval.txt; others prompts/)")
     p.add_argument("--max-pair-prompts", type=int, default=0, help="curated prompts made into pairs per round (0 = all, the default)")
     p.add_argument("--num-probe", type=int, default=8, help="probe prompts used for pruning importance")
     p.add_argument("--probe-seeds", type=int, nargs="+", default=[2, 4], help="importance seed sets, per round as --lr (2 4)")
     p.add_argument("--keep-temporal-convs", type=int, default=-1, metavar="N", help="pruning never removes the last "
                    "N temporal convs (prune.py's; -1 = the family's: toy 1, chosen on validation, others 0, the paper's)")
-    p.add_argument("--masks-from", default="",
-                   help="another work dir whose round-k/pruned.safetensors masks this run reuses (no importance)")
+    p.add_argument("--masks-from", default="", help="a work dir whose round-k/pruned.safetensors masks this run reuses")
     p.add_argument("--eval-samples", type=int, default=0, help="videos per eval prompt (0 = toy 4, other families 1)")
     p.add_argument("--eval-rounds", default="all", choices=["all", "last", "none"],
-                   help="evaluate every round's pruned and trained student, only the last round's, or none "
-                        "(the teacher is evaluated unless none)")
+                   help="evaluate every round's pruned and trained student, the last round's, or none (then no teacher)")
     p.add_argument("--scorer", default="", choices=["", *rewards.SCORERS], metavar="{" + ",".join(rewards.SCORERS) + "}",
                    help="reward model (rewards.py; default: toy for the toy, else videoscore as the paper)")
     p.add_argument("--scorer-path", default="",
                    help="scorer weights (videoscore: a folder, default ckpt/VideoScore; clip: ARCH:FILE or a folder)")
     p.add_argument("--tau", type=float, default=0.0, help="pair filter floor tau_p: keep S(w) > S(l) > tau")
-    p.add_argument("--guard", type=float, default=None, metavar="M",
-                   help="pair filter: also drop a pair whose winner is more than M below its loser on any dimension "
-                        "(filter_pairs.py --guard; default off: it did not help on the toy's validation prompts)")
+    p.add_argument("--guard", type=float, default=None, metavar="M", help="pair filter: also drop a pair whose winner is more "
+                   "than M below its loser on any dimension (filter_pairs.py; default off: no help on the toy's validation)")
     p.add_argument("--no-filter", action="store_true", help="ablation: train on every pair (scored, none dropped)")
     models.add_sampling_args(p)
     p.add_argument("--probe-steps", type=int, default=0, help="DDIM steps of pruning's probe videos (0 = --steps)")
@@ -323,6 +312,19 @@ def main(args):
             models.release_lock(lock)
 
 
+def trained_otherwise(student, argv):
+    """How a round's trained student was made otherwise than `argv`, this run's redpo.py command for it, would make it
+    ('--lr 0.0001, not 3e-05'), or "": settings only (paths, device, logging may differ); a pruned model kept as is."""
+    meta, parser = models.read_student_meta(student), importlib.import_module("redpo").get_parser()
+    if meta.get("stage") != "redpo":
+        return ""
+    now, made = vars(parser.parse_args([str(a) for a in argv[1:]])), json.loads(meta["args"])
+    was = lambda k: made.get(k, parser.get_default(k))  # a flag newer than the student: trained with its default
+    free = ("out", "student", "pairs", "teacher", "motion_adapter", "device", "save_every", "log_every")
+    k = next((k for k in now if k not in free and was(k) != now[k]), None)
+    return "" if k is None else f"--{k.replace('_', '-')} {was(k)}, not {now[k]}"
+
+
 def per_round(values, k):
     """The value for online round k (1-based) of a per-round list; a list shorter than the rounds repeats its last."""
     return values[min(k, len(values)) - 1]
@@ -472,9 +474,16 @@ def loop(args, lock):
             log("filter"), nproc=args.nproc)
         k_train = rounds_online if args.no_online else k  # one-shot trains with the last round's settings
         steps = per_round(args.train_steps or [0], k_train) or per_round(family.train_steps, k_train)
-        made = json.loads(models.read_student_meta(student)["args"]) if os.path.exists(student) else {}
-        if made.get("max_steps", steps) != steps:  # e.g. a family default changed since this work dir was made
-            raise models.UserError(f"{student}: trained for {made['max_steps']} steps, not {steps}; use another --work-dir")
+        train = ["redpo.py", *base, "--student", pruned, "--pairs", kept, "--out", student, "--loss", args.loss,
+                 "--beta", args.beta or family.beta, "--w-sft", args.w_sft, "--reference", args.reference,
+                 "--uncond-prob", args.uncond_prob, "--sft-cfg", sft_cfg, "--max-steps", steps,
+                 "--batch-size", args.train_batch_size, "--lr", per_round(args.lr or [family.lr], k_train),
+                 "--seed", args.seed, "--train-layers", per_round(args.train_layers, k_train),
+                 "--sft-on", per_round(args.sft_on or [family.sft_on], k_train), *(["--sft-branches"] if branches else []),
+                 *([] if toy else ["--save-every", 100])]  # real runs: a rerun of the loop resumes inside ReDPO
+        other = trained_otherwise(student, train) if os.path.exists(student) else ""
+        if other:  # e.g. a family default changed since this work dir was made: not this run's student
+            raise models.UserError(f"{student}: trained with {other}; use another --work-dir")
         if not os.path.exists(student):
             nothing = count_lines(kept) == 0  # nothing to learn from: the round keeps the pruned student
             if nothing and args.node_rank:
@@ -484,16 +493,7 @@ def loop(args, lock):
                 shutil.copyfile(pruned, student + ".tmp")
                 os.replace(student + ".tmp", student)
             else:
-                run("redpo", student,
-                    ["redpo.py", *base, "--student", pruned, "--pairs", kept, "--out", student, "--loss", args.loss,
-                     "--beta", args.beta or family.beta, "--w-sft", args.w_sft, "--reference", args.reference,
-                     "--uncond-prob", args.uncond_prob, "--sft-cfg", sft_cfg,
-                     "--max-steps", steps, "--batch-size", args.train_batch_size,
-                     "--lr", per_round(args.lr or [family.lr], k_train), "--seed", args.seed,
-                     "--train-layers", per_round(args.train_layers, k_train),
-                     "--sft-on", per_round(args.sft_on or [family.sft_on], k_train), *(["--sft-branches"] if branches else []),
-                     # real runs keep a training state every 100 steps: a rerun of the loop resumes inside ReDPO
-                     *([] if toy else ["--save-every", 100])], log("redpo"), nproc=args.nproc)
+                run("redpo", student, train, log("redpo"), nproc=args.nproc)
         if args.eval_rounds == "all" or (args.eval_rounds == "last" and k == len(ratios)):
             run("evaluate", os.path.join(rd, "eval", "report.json"),
                 ["evaluate.py", *base, "--no-teacher", "--students", pruned, student, "--labels", "pruned", "student",

@@ -216,9 +216,18 @@ def test_the_embedded_toy_loop_with_reduced_settings(tmp_path, monkeypatch, caps
     assert sum(".temp_convs." in p for p in pruned["removed"]) <= 10  # the last of the 11 is never removed
     summary = models.read_json(str(tmp_path / "work" / "round-1" / "pairs" / "filtered.json"))
     assert summary["guard"] == 0.05 and "winner_worse_on_a_dim" in summary["counts"]  # --guard reaches the filter
-    # the family's default changes after the work dir was made: a rerun refuses round 2's student instead of reusing it
-    monkeypatch.setitem(models.FAMILIES, "toy", dataclasses.replace(models.FAMILIES["toy"], train_steps=(1, 3)))
-    with pytest.raises(models.UserError, match="round-2/student.safetensors: trained for 2 steps, not 3"):
+    # a rerun with nothing changed reuses every round's student (paths, logging and the like are not compared)
+    made = [os.stat(tmp_path / "work" / f"round-{k}" / "student.safetensors").st_mtime_ns for k in (1, 2)]
+    online_loop.main(online_loop.get_parser().parse_args(argv))
+    assert made == [os.stat(tmp_path / "work" / f"round-{k}" / "student.safetensors").st_mtime_ns for k in (1, 2)]
+    assert "[run ] redpo" not in capsys.readouterr().out
+    # a family default changes after the work dir was made: a rerun refuses the student trained otherwise, by name
+    toy = models.FAMILIES["toy"]
+    monkeypatch.setitem(models.FAMILIES, "toy", dataclasses.replace(toy, train_steps=(1, 3)))
+    with pytest.raises(models.UserError, match="round-2/student.safetensors: trained with --max-steps 2, not 3;"):
+        online_loop.main(online_loop.get_parser().parse_args(argv))
+    monkeypatch.setitem(models.FAMILIES, "toy", dataclasses.replace(toy, beta=50.0))
+    with pytest.raises(models.UserError, match=f"round-1/student.safetensors: trained with --beta {toy.beta}, not 50.0;"):
         online_loop.main(online_loop.get_parser().parse_args(argv))
 
 
