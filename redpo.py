@@ -45,44 +45,38 @@ def get_parser():
     p.add_argument("--beta", type=float, default=0.0,
                    help="DPO temperature, the 1/2 applied in the loss (0 = the family's: toy 500, others 5000)")
     p.add_argument("--w-sft", type=float, default=1.0, help="weight of the SFT term in ReDPO")
-    p.add_argument("--sft-target", default="teacher", choices=["teacher", "noise"],
-                   help="SFT regresses onto the teacher's prediction or onto the true noise")
+    p.add_argument("--sft-target", default="teacher", choices=["teacher", "noise"], help="SFT onto the teacher's prediction or the noise")
     p.add_argument("--sft-cfg", type=float, default=0.0,
-                   help="SFT on the guided prediction eps(0) + w (eps(c) - eps(0)) at this CFG scale w, the noise "
-                        "estimate the sampler follows (0 = on the conditional prediction alone; needs "
-                        "--sft-target teacher)")
+                   help="SFT on the guided prediction eps(0) + w (eps(c) - eps(0)) at this CFG scale w, the noise estimate "
+                        "the sampler follows (0 = on the conditional prediction alone; needs --sft-target teacher)")
     p.add_argument("--sft-branches", action="store_true", help="with --sft-cfg: SFT on each branch too (the mean of the "
                    "guided, unconditional and conditional errors): the branches cannot drift where the guided sum is blind")
     p.add_argument("--snr-gamma", type=float, default=0.0, help="min-SNR-gamma weighting of the SFT term: each pair's "
                    "term x min(1, gamma / SNR(t)), so the nearly clean timesteps count less (0 = off, uniform in t)")
-    p.add_argument("--sft-on", default="winners", choices=["winners", "both"],
-                   help="SFT on the winners (the paper's) or on both: the losers are the student's own samples")
-    p.add_argument("--reference", default="student0", choices=["teacher", "student0"],
-                   help="DPO reference: the frozen initial student (Diffusion-DPO's convention; chosen on the toy's "
-                        "validation prompts) or the frozen teacher M_0 (the paper's figure)")
-    p.add_argument("--train-layers", default="all", choices=["all", "temporal"],
-                   help="what trains: the whole student (animatediff: its motion modules) or only its temporal layers "
-                        "(temporal convs and transformers, transformer_in; the rest stays the pruned model's)")
+    p.add_argument("--sft-on", default="winners", choices=["winners", "both"], help="SFT on the winners (the paper's) or on both")
+    p.add_argument("--reference", default="student0", choices=["teacher", "student0"], help="DPO reference: the frozen initial "
+                   "student (Diffusion-DPO's convention; chosen on the toy's validation prompts) or the frozen teacher M_0 (the paper's)")
+    p.add_argument("--train-layers", default="all", choices=["all", "temporal"], help="what trains: the whole student (animatediff: "
+                   "its motion modules) or only its temporal layers (temporal convs and transformers, transformer_in)")
     p.add_argument("--lr", type=float, default=0.0, help="AdamW learning rate (0 = the family's default)")
     p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
     p.add_argument("--warmup", type=int, default=10, help="linear warmup steps")
+    p.add_argument("--lr-schedule", default="constant", choices=["constant", "cosine"], help="after the warmup: constant or cosine to 0")
     p.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping (0 = off)")
     p.add_argument("--batch-size", type=int, default=4, help="pairs per micro-batch per process")
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
     p.add_argument("--max-steps", type=int, default=100, help="optimizer steps")
     p.add_argument("--save-every", type=int, default=0,
                    help="every N steps write the training state to <out>.state.pt; a rerun resumes from it (0 = off)")
-    p.add_argument("--uncond-prob", type=float, default=0.1,
-                   help="prompt dropout: probability that a pair trains on the empty prompt (both members)")
+    p.add_argument("--uncond-prob", type=float, default=0.1, help="prompt dropout: a pair trains on the empty prompt (both members)")
     p.add_argument("--heldout-pairs", type=int, default=-1,
                    help="pairs kept out of training to measure the distance to the teacher (-1 = auto: n/10, at most 8; with none held out the first 4 training pairs are used)")
-    p.add_argument("--log-every", type=int, default=10,
-                   help="every N steps: one log line, term-wise gradient norms, held-out distance to the teacher")
+    p.add_argument("--log-every", type=int, default=10, help="every N steps a log line: term-wise gradient norms, distance to teacher")
     p.add_argument("--no-x0-rescale", action="store_true", help="vc2: noise x0 without VC2's scale_t")
     p.add_argument("--grad-checkpointing", action="store_true", help="recompute UNet blocks in backward")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
-                   help="auto = on CUDA bf16 (teacher and reference in bf16 weights, the student's float32 master "
-                        "weights under bf16 autocast), float32 elsewhere")
+                   help="auto = on CUDA bf16 (teacher and reference in bf16 weights, the student's float32 master weights under "
+                        "bf16 autocast), float32 elsewhere")
     p.add_argument("--compile", action="store_true", help="torch.compile the UNets (student, teacher, reference)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
@@ -333,9 +327,15 @@ def draw_batch(g, order, cursor, global_batch, T, latent_shape, uncond_prob):
 RESUME_FREE = ("out", "save_every", "max_steps", "log_every", "device", "batch_size")
 
 
+def lr_factor(step, warmup, max_steps, schedule="constant"):
+    """The learning rate's multiplier before optimizer step `step` + 1: a linear warmup, then 1 or a cosine to 0."""
+    warm = min(1.0, (step + 1) / max(1, warmup))
+    return warm if schedule == "constant" else warm * 0.5 * (1 + math.cos(math.pi * min(1.0, step / max_steps)))
+
+
 def run_config(args, world):
-    """What a training state must share with the run that resumes it (paths made absolute)."""
-    cfg = {k: v for k, v in vars(args).items() if k not in RESUME_FREE}
+    """What a training state must share with the run that resumes it (paths absolute; --max-steps under a cosine)."""
+    cfg = {k: v for k, v in vars(args).items() if k not in RESUME_FREE or (k, args.lr_schedule) == ("max_steps", "cosine")}
     cfg.update({k: os.path.abspath(cfg[k]) for k in ("pairs", "student", "teacher", "motion_adapter") if cfg[k]})
     return {**cfg, "global_batch": args.batch_size * world}
 
@@ -414,7 +414,7 @@ def main(args):
     loss_fn = torch.compile(redpo_loss) if device.startswith("cuda") else redpo_loss
     on_cuda = device.startswith("cuda")  # fused AdamW: one kernel for all parameters
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=args.weight_decay, fused=True if on_cuda else None)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, args.warmup)))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, args.warmup, args.max_steps, args.lr_schedule))
     scheduler = teacher.scheduler
     n_pairs, G = x0_w_all.shape[0], args.batch_size * world  # G: the global micro-batch, all ranks together
     if world > 1 and G > n_pairs:
@@ -439,7 +439,7 @@ def main(args):
         print(f"redpo: {n_pairs} pairs to train on ({len(held_idx)} held out), "
               f"{sum(p.numel() for p in params):,} trainable parameters ({args.train_layers} layers), "
               f"loss={args.loss} beta={beta:g} w_sft={args.w_sft} sft_cfg={args.sft_cfg:g} sft_branches={args.sft_branches} "
-              f"snr_gamma={args.snr_gamma:g} sft_on={args.sft_on} reference={args.reference} uncond_prob={args.uncond_prob} lr={lr:g} "
+              f"snr_gamma={args.snr_gamma:g} sft_on={args.sft_on} reference={args.reference} uncond_prob={args.uncond_prob} lr={lr:g} ({args.lr_schedule}) "
               f"steps={args.max_steps} (~{args.max_steps * args.batch_size * args.grad_accum * world / n_pairs:.1f} "
               f"epochs) world={world} device={device}")
     from tqdm import tqdm

@@ -176,7 +176,8 @@ def test_heldout_pairs_are_never_trained_on():
     ["--loss", "dpo", "--reference", "student0", "--precision", "fp32"],
     ["--loss", "sft", "--sft-target", "noise", "--grad-checkpointing", "--no-x0-rescale"],
     ["--loss", "redpo", "--sft-target", "teacher", "--reference", "teacher", "--precision", "auto",
-     "--max-grad-norm", "0", "--weight-decay", "0.01", "--seed", "3", "--device", "cpu"],
+     "--max-grad-norm", "0", "--weight-decay", "0.01", "--seed", "3", "--device", "cpu", "--lr-schedule", "cosine",
+     "--warmup", "1"],
 ])
 def test_every_loss_option_trains(vc2_dir, pruned, pairs, tmp_path, flags):
     out = str(tmp_path / "s.safetensors")
@@ -186,6 +187,20 @@ def test_every_loss_option_trains(vc2_dir, pruned, pairs, tmp_path, flags):
     redpo.main(args)
     assert changed(load_file(pruned), out)
     assert json.loads(models.read_student_meta(out)["args"])["loss"] == args.loss
+    log = [json.loads(ln) for ln in open(tmp_path / "s.log.jsonl")]  # the rate each step took: warmup, then the schedule
+    assert [r["lr"] for r in log] == pytest.approx([1e-3 * redpo.lr_factor(s, args.warmup, 2, args.lr_schedule) for s in (0, 1)])
+
+
+def test_lr_schedule_warms_up_then_stays_or_decays_to_zero():
+    f = lambda step, schedule: redpo.lr_factor(step, 2, 10, schedule)
+    assert [f(s, "constant") for s in (0, 1, 5, 9, 10)] == [0.5, 1.0, 1.0, 1.0, 1.0]
+    cos = [f(s, "cosine") for s in range(11)]
+    assert cos[0] == pytest.approx(0.5) and cos[5] == pytest.approx(0.5) and cos[10] == pytest.approx(0.0, abs=1e-12)
+    assert cos[1] < 1 and all(a > b for a, b in zip(cos[1:], cos[2:]))  # falls from the end of the warmup on
+    # the cosine is shaped by --max-steps: a training state resumes only with the same one then (else it may change)
+    parse = lambda *a: redpo.get_parser().parse_args(["--pairs", "p.jsonl", "--out", "o.safetensors", *a])
+    assert "max_steps" not in redpo.run_config(parse("--max-steps", "5"), 1)
+    assert redpo.run_config(parse("--max-steps", "5", "--lr-schedule", "cosine"), 1)["max_steps"] == 5
 
 
 def test_train_layers_temporal_moves_only_temporal_layers(vc2_dir, pruned, pairs, tmp_path):
