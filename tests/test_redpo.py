@@ -237,7 +237,8 @@ def test_two_processes_train_as_one_with_the_global_batch(vc2_dir, pruned, pairs
     --batch-size 1 train as one process with --batch-size 2: the ranks split one seeded global batch (pairs,
     t, eps, prompt dropout), DDP averages their gradients, and rank 0 writes one checkpoint and the log of the
     global batch. SFT, whose gradient does not amplify float rounding by beta; Adam turns the rounding of other
-    batch shapes (~1e-7 relative) into a few 1e-6 on the weights, against ~3e-4 that training moves them.
+    batch shapes (~1e-7 relative) into a few 1e-6 on the weights (1.1e-5 on one Xeon, 2026-12-02), against ~3e-4
+    that training moves them; the bound is 3e-5, ten times below that.
     Two micro-batches of 2 pairs a step: a step reads all 4 pairs, the next a new epoch's order."""
     common = ["--model", "vc2", "--teacher", vc2_dir, "--student", pruned, "--pairs",
               os.path.join(pairs[0], "pairs.jsonl"), "--max-steps", "2", "--grad-accum", "2", "--lr", "1e-3",
@@ -261,7 +262,7 @@ def test_two_processes_train_as_one_with_the_global_batch(vc2_dir, pruned, pairs
     assert "world=2" in stdouts[1] and stdouts[1].count("step ") == 2 and stdouts[1].count("redpo: wrote") == 1
     redpo.main(redpo.get_parser().parse_args([*common, "--out", str(one), "--batch-size", "2"]))
     a, b, before = load_file(str(out)), load_file(str(one)), load_file(pruned)
-    assert all(torch.allclose(a[k], b[k], rtol=0, atol=1e-5) for k in a)
+    assert all(torch.allclose(a[k], b[k], rtol=0, atol=3e-5) for k in a)
     assert max((b[k] - before[k]).abs().max().item() for k in b) > 1e-4  # it trained
     logs = [[json.loads(ln) for ln in open(tmp_path / f"{n}.log.jsonl")] for n in ("ddp", "one")]
     for r2, r1 in zip(*logs):
