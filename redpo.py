@@ -330,7 +330,7 @@ RESUME_FREE = ("out", "save_every", "max_steps", "log_every", "device", "batch_s
 def lr_factor(step, warmup, max_steps, schedule="constant"):
     """The learning rate's multiplier before optimizer step `step` + 1: a linear warmup, then 1 or a cosine to 0."""
     warm = min(1.0, (step + 1) / max(1, warmup))
-    return warm if schedule == "constant" else warm * 0.5 * (1 + math.cos(math.pi * min(1.0, step / max_steps)))
+    return warm if schedule == "constant" else warm * 0.5 * (1 + math.cos(math.pi * min(1.0, step / max(1, max_steps))))
 
 
 def run_config(args, world):
