@@ -50,6 +50,11 @@ def test_killed_run_resumes_to_the_uninterrupted_weights(vc2_dir, pruned, pairs,
     with pytest.raises(models.UserError, match=refused):  # another run's state, refused before loading a model
         redpo.main(redpo.get_parser().parse_args(argv + ["--lr", "2e-3"]))
 
+    old = torch.load(state, weights_only=True)  # as a state saved before --lr-schedule existed: it had the default
+    del old["config"]["lr_schedule"]
+    torch.save(old, state)
+    with pytest.raises(models.UserError, match=r"killed\.state\.pt: a training state made with --lr-schedule='constant'"):
+        redpo.main(redpo.get_parser().parse_args(argv + ["--lr-schedule", "cosine"]))
     capsys.readouterr()
     redpo.main(redpo.get_parser().parse_args(argv))
     assert f"redpo: resuming from step {saved} of 6" in capsys.readouterr().out and not state.exists()
