@@ -89,10 +89,11 @@ def get_parser():
     p.add_argument("--sft-cfg", type=float, default=-1.0, help="SFT on the teacher's CFG-guided prediction at this scale "
                    "(redpo.py; 0 = on the conditional one, the paper's; -1 = the family's: toy 6, chosen on validation, others 0)")
     p.add_argument("--train-steps", type=int, nargs="+", default=[], metavar="N", help="ReDPO optimizer steps: one for "
-                   "every round, or one per round as --lr (0 = the family's: toy 60 180, others 30)")
+                   "every round, or one per round as --lr (0 = the family's: toy 120 180, others 30)")
     p.add_argument("--train-batch-size", type=int, default=4, help="pairs per ReDPO step and process (x --nproc)")
     p.add_argument("--lr", type=float, nargs="+", default=[], metavar="LR", help="ReDPO learning rate: one for every round, or "
                    "one per round (the last for later rounds and one-shot) (default: toy 1e-4, vc2 6e-6, animatediff 1e-5)")
+    p.add_argument("--lr-schedule", nargs="+", default=[], choices=["constant", "cosine"], help="per round as --lr (toy: cosine constant)")
     p.add_argument("--train-layers", nargs="+", default=["all"], choices=["all", "temporal"], help="what ReDPO trains "
                    "(redpo.py): one for every round or one per round, as --lr (default: all; toy/RESULTS.md)")
     p.add_argument("--sft-on", nargs="+", default=[], choices=["winners", "both"], help="SFT on the winners (the "
@@ -127,8 +128,7 @@ def get_parser():
     p.add_argument("--isolate", action="store_true", help="run every stage as its own process even with --nproc 1")
     p.add_argument("--nnodes", type=int, default=1, help="nodes the heavy stages span (start the loop on each)")
     p.add_argument("--node-rank", type=int, default=0, help="this node's rank (node 0 runs the light steps)")
-    p.add_argument("--rdzv-endpoint", default="", help="HOST:PORT for torchrun's c10d rendezvous, HOST being "
-                   "node 0 (needed with --nnodes > 1; the same on every node)")
+    p.add_argument("--rdzv-endpoint", default="", help="node 0's HOST:PORT for torchrun's c10d rendezvous (--nnodes > 1)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     return p
@@ -293,8 +293,7 @@ def table(rows):
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     fmt = lambda v, f: "-" if v is None else format(v, f)
     for r in rows:
-        lines.append(f"| {r['round']} | {r['model']} | {fmt(r['params'], ',')} | "
-                     f"{fmt(r['flops'] and r['flops'] / 1e9, '.3f')} | "
+        lines.append(f"| {r['round']} | {r['model']} | {fmt(r['params'], ',')} | {fmt(r['flops'] and r['flops'] / 1e9, '.3f')} | "
                      + " | ".join(fmt(r[d], ".3f") for d in (*models.DIMS, "average"))
                      + f" | {fmt(r['pairs_made'], 'd')} | {fmt(r['pairs_kept'], 'd')} |")
     return "\n".join(lines)
@@ -478,6 +477,7 @@ def loop(args, lock):
                  "--beta", args.beta or family.beta, "--w-sft", args.w_sft, "--reference", args.reference,
                  "--uncond-prob", args.uncond_prob, "--sft-cfg", sft_cfg, "--max-steps", steps,
                  "--batch-size", args.train_batch_size, "--lr", per_round(args.lr or [family.lr], k_train),
+                 "--lr-schedule", per_round(args.lr_schedule or family.lr_schedule, k_train),
                  "--seed", args.seed, "--train-layers", per_round(args.train_layers, k_train),
                  "--sft-on", per_round(args.sft_on or [family.sft_on], k_train), *(["--sft-branches"] if branches else []),
                  *([] if toy else ["--save-every", 100])]  # real runs: a rerun of the loop resumes inside ReDPO
