@@ -422,11 +422,11 @@ FAMILIES = {
                   x0_scale_b=0.7, fps_folded=True, pad_id=0, unet_config=VC2_UNET_CONFIG),
     "animatediff": Family("animatediff", 512, 512, 16, 25, 7.5, 0.0, 8, 1e-5, 5000.0, 3, 0.147e9 / 453_209_280,
                           unet_config=SD15_UNET_CONFIG),
-    # toy: all 48 pool prompts x 2 seeds (~80 pairs kept), 120 steps of 4 pairs with a cosine rate in round 1 (about 6
-    # epochs) and 180 at the final size (about 8; 60 left it under-trained): chosen on the validation prompts (toy/RESULTS.md);
+    # toy: all 48 pool prompts x 2 seeds (~80 pairs kept), 60 steps of 4 pairs in round 1 (about 3 epochs) and 180
+    # at the final size (about 8; 60 left it under-trained): chosen on the validation prompts (toy/RESULTS.md);
     # 4 eval videos a prompt for stable means
     "toy": Family("toy", 32, 32, 8, 10, 6.0, 0.0, 8, 1e-4, 500.0, 2, 0.6, latent_factor=4,
-                  train_steps=(120, 180), lr_schedule=("cosine", "constant"), pairs_per_prompt=2, eval_samples=4, sft_cfg=6.0, sft_branches=True, sft_on="both",
+                  train_steps=(60, 180), pairs_per_prompt=2, eval_samples=4, sft_cfg=6.0, sft_branches=True, sft_on="both",
                   keep_temporal_convs=1,
                   default_teacher=os.path.join(HERE, "toy", "teacher")),
 }

@@ -89,11 +89,11 @@ def get_parser():
     p.add_argument("--sft-cfg", type=float, default=-1.0, help="SFT on the teacher's CFG-guided prediction at this scale "
                    "(redpo.py; 0 = on the conditional one, the paper's; -1 = the family's: toy 6, chosen on validation, others 0)")
     p.add_argument("--train-steps", type=int, nargs="+", default=[], metavar="N", help="ReDPO optimizer steps: one for "
-                   "every round, or one per round as --lr (0 = the family's: toy 120 180, others 30)")
+                   "every round, or one per round as --lr (0 = the family's: toy 60 180, others 30)")
     p.add_argument("--train-batch-size", type=int, default=4, help="pairs per ReDPO step and process (x --nproc)")
     p.add_argument("--lr", type=float, nargs="+", default=[], metavar="LR", help="ReDPO learning rate: one for every round, or "
                    "one per round (the last for later rounds and one-shot) (default: toy 1e-4, vc2 6e-6, animatediff 1e-5)")
-    p.add_argument("--lr-schedule", nargs="+", default=[], choices=["constant", "cosine"], help="per round as --lr (toy: cosine constant)")
+    p.add_argument("--lr-schedule", nargs="+", default=[], choices=["constant", "cosine"], help="redpo.py's (constant), per round as --lr")
     p.add_argument("--train-layers", nargs="+", default=["all"], choices=["all", "temporal"], help="what ReDPO trains "
                    "(redpo.py): one for every round or one per round, as --lr (default: all; toy/RESULTS.md)")
     p.add_argument("--sft-on", nargs="+", default=[], choices=["winners", "both"], help="SFT on the winners (the "

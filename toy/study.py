@@ -5,7 +5,7 @@ measured on the teacher (prune.py, probe prompts x 2 seed sets), round 1 keeps 8
 of the parameters, both chosen from that one importance table (nested masks), and the one-shot arms
 prune straight to round 2's mask. So every arm ends with the same architecture, and the arms differ
 only in the loss and in online vs one-shot. Equal optimizer steps at the final size: one-shot trains the last
-round's --train-steps at 60 %; online trains round 1's at 80 % and round 2's at 60 % (the toy's: 120 with a cosine rate, then 180).
+round's --train-steps at 60 %; online trains round 1's at 80 % and round 2's at 60 % (the toy's: 60, then 180).
 
 Arms (each one `online_loop.py` run with `--masks-from`, evaluated on the held-out eval prompts):
   untrained pruned        the teacher with the final mask, no training (the common start)
