@@ -9,7 +9,9 @@ temporal transformers, temporal convs, `transformer_in` and same-width ResNets (
 Layers are removed in order of importance until the prunable parameters (as the paper counts
 them) reach --target-params or --target-ratio of the teacher's; with --passes P the cut is made in
 P equal shares, importance measured again on what the earlier shares left (one layer of a kind
-that the others back up looks unimportant alone; the last ones do not). Input: the teacher and optionally
+that the others back up looks unimportant alone; the last ones do not). Where --keep-temporal-convs N
+binds (the ranking would leave fewer than N), the N that stay are those with the highest R measured as
+the only one of their kind left (--keep-by alone). Input: the teacher and optionally
 the previous student; output: a student checkpoint whose metadata holds the removed layers and
 the importance table.
 
@@ -19,6 +21,7 @@ One GPU:      python prune.py --model vc2 --teacher ckpt/vc2 --prompts probe.txt
                   --scorer-path ViT-H-14:ckpt/clip.safetensors --target-ratio 0.81 --out runs/r1/pruned.safetensors
 """
 import argparse
+import contextlib
 import json
 import os
 import time
@@ -53,6 +56,10 @@ def get_parser():
                    help="never remove the last N temporal convolutions (vc2, toy): with none left the UNet cannot "
                         "tell frame order (its temporal attention has no positional embedding), which one-layer-at-"
                         "a-time importance cannot see (0 = no such rule, the paper's)")
+    p.add_argument("--keep-by", default="alone", choices=["alone", "importance"],
+                   help="where the rule binds (all but N of the kind would go), which N stay: alone = the highest R "
+                        "measured with each as the only one of its kind left (one probe run per layer of the kind); "
+                        "importance = the N most important one at a time, each measured with all the others present")
     p.add_argument("--probe-seeds", type=int, default=2,
                    help="seed sets per probe prompt: importance is their mean; with 2 or more, the rank "
                         "correlation between the mean importances of the first and the second half of the sets is "
@@ -140,11 +147,9 @@ def predictions(family, unet, cond, x_t, t, bf16=False):
                                                  cond).float() for tk in t.tolist()])
 
 
-def importance(args, family, unet, teacher, cands, prompts, device):
-    """(R(M), {layer: importance}, {layer: [importance per seed set]}) for every candidate; each is
-    removed in turn and then put back. Every probe prompt is sampled with --probe-seeds seed sets."""
-    from tqdm import tqdm
-
+def prober(args, family, unet, teacher, prompts, device):
+    """measure() -> (S,): R of `unet` as it is now on each of the --probe-seeds sets of the probe prompts (reward:
+    the mean score of its probe videos; output: minus its noise-prediction error against the teacher)."""
     S = args.probe_seeds
     prompts_all = [p for _ in range(S) for p in prompts]                       # S sets of the probe prompts
     seeds = [args.seed + 10007 * s + i for s in range(S) for i in range(len(prompts))]
@@ -163,21 +168,53 @@ def importance(args, family, unet, teacher, cands, prompts, device):
         eps_teacher = predictions(family, teacher.unet, cond, x_t, t, bf16)  # (K, N, C, F, h, w), computed once
         # higher = better, like a reward: minus the error against the teacher, per probe input
         measure = lambda: -(predictions(family, unet, cond, x_t, t, bf16) - eps_teacher).pow(2).mean(dim=(0, 2, 3, 4, 5))
-    per_set = lambda r: r.view(S, len(prompts)).mean(1)  # (S,): R of each seed set
-    base = per_set(measure())
-    table, by_set = {}, {}
-    for path, _ in tqdm(cands, desc=f"importance ({args.importance})"):
+    return lambda: measure().view(S, len(prompts)).mean(1)
+
+
+@contextlib.contextmanager
+def without(unet, paths):
+    """`unet` with the layers `paths` removed, each put back on exit."""
+    saved = []
+    for path in paths:
         parent_name, _, child = path.rpartition(".")
         parent = unet.get_submodule(parent_name) if parent_name else unet
-        original = parent.get_submodule(child)
-        models.remove_layers(unet, [path])
-        d = base - per_set(measure())  # dR_l = R(M) - R(M without l), per seed set
+        saved.append((parent, child, parent.get_submodule(child)))
+    models.remove_layers(unet, paths)
+    try:
+        yield unet
+    finally:
+        for parent, child, original in saved:
+            if isinstance(parent, torch.nn.ModuleList):
+                parent[int(child)] = original
+            else:
+                setattr(parent, child, original)
+
+
+def importance(measure, unet, cands):
+    """(R(M), {layer: importance}, {layer: [importance per seed set]}) for every candidate; each is
+    removed in turn and then put back."""
+    from tqdm import tqdm
+
+    base = measure()
+    table, by_set = {}, {}
+    for path, _ in tqdm(cands, desc="importance"):
+        with without(unet, [path]):
+            d = base - measure()  # dR_l = R(M) - R(M without l), per seed set
         by_set[path], table[path] = d.tolist(), d.mean().item()
-        if isinstance(parent, torch.nn.ModuleList):
-            parent[int(child)] = original
-        else:
-            setattr(parent, child, original)
     return base.mean().item(), table, by_set
+
+
+def alone(measure, unet, layers):
+    """{layer: [R per seed set] of the model with that layer the only one of `layers` left}: which of a kind to
+    keep when all but a few go. One-at-a-time importance measures each with all the others present, where none is
+    needed; the one that stays has to carry the kind's work by itself (the toy: frame order)."""
+    from tqdm import tqdm
+
+    out = {}
+    for path in tqdm(layers, desc="kept alone"):
+        with without(unet, [p for p in layers if p != path]):
+            out[path] = measure().tolist()
+    return out
 
 
 def halves(n):
@@ -201,22 +238,28 @@ def kept_kinds(args):
     return {"temp_convs": args.keep_temporal_convs} if args.keep_temporal_convs else {}
 
 
-def passes(args, family, unet, teacher, cands, prompts, device, current, target, table, by_set, measured_in):
+def passes(args, family, unet, teacher, cands, prompts, device, current, target, table, by_set, measured_in, kept):
     """Remove layers down to `target` in --passes passes, each measuring importance on the model the earlier
     ones left and cutting an equal share of what remains (the last pass reaches the target). Fills table,
-    by_set and measured_in with each layer's latest measurement (a removed layer's: the one that removed it);
+    by_set and measured_in with each layer's latest measurement (a removed layer's: the one that removed it),
+    and kept with alone()'s R per seed set where the --keep-temporal-convs rule binds (--keep-by alone);
     returns (layers removed, pass 1's seed-set rank correlation, R of the unpruned model)."""
     chosen, stability, base, left = [], None, None, list(cands)
+    measure = prober(args, family, unet, teacher, prompts, device)
     for j in range(args.passes):
         if current <= target or not left:
             break
         share = target if j == args.passes - 1 else round(current - (current - target) / (args.passes - j))
-        reward, t, s = importance(args, family, unet, teacher, left, prompts, device)
+        reward, t, s = importance(measure, unet, left)
         if j == 0:
             base = reward
             if args.probe_seeds >= 2:
                 stability = split_half(s, [p for p, _ in left])
-        now, current = select(left, t, current, share, fill=j == args.passes - 1, keep=kept_kinds(args))
+        fill, keep = j == args.passes - 1, kept_kinds(args)
+        if args.keep_by == "alone":
+            for layers, _ in binding(left, t, current, share, fill, keep).values():
+                kept.update(alone(measure, unet, layers))
+        now, current = select(left, t, current, share, fill=fill, keep=keep, alone=mean_of(kept))
         models.remove_layers(unet, now)
         table.update(t)
         by_set.update(s)
@@ -229,8 +272,13 @@ def passes(args, family, unet, teacher, cands, prompts, device, current, target,
     return chosen, stability, base
 
 
+def mean_of(by_set):
+    return {p: sum(v) / len(v) for p, v in by_set.items() if v}
+
+
 def stored_importance(path, teacher, cands):
-    """{layer: importance} from a prune.py checkpoint's metadata, for every candidate of this student."""
+    """({layer: importance} for every candidate of this student, {layer: kept-alone R per seed set} where
+    measured) from a prune.py checkpoint's metadata."""
     from safetensors import safe_open
 
     models.check_student(path, models.read_student_meta(path), teacher)
@@ -245,20 +293,36 @@ def stored_importance(path, teacher, cands):
     missing = [p for p, _ in cands if p not in table]
     if missing:
         raise models.UserError(f"{path}: its importance table has no entry for candidate {missing[0]}")
-    return {p: table[p] for p, _ in cands}
+    return {p: table[p] for p, _ in cands}, {r["layer"]: r["kept_alone"] for r in rows if r.get("kept_alone")}
 
 
-def select(cands, table, current, target, fill=True, keep=None):
+def binding(cands, table, current, target, fill, keep):
+    """{kind: (its candidates, N)} for each kind of keep {kind: N} whose rule binds: the selection without the
+    rule would leave fewer than N of that kind."""
+    if not keep:
+        return {}
+    free, _ = select(cands, table, current, target, fill)
+    of = lambda kind: [p for p, _ in cands if kind_of(p) == kind]
+    return {k: (of(k), n) for k, n in keep.items() if len(of(k)) - sum(kind_of(p) == k for p in free) < n}
+
+
+def select(cands, table, current, target, fill=True, keep=None, alone=None):
     """Remove the least important layers first, skipping any that would cross the target, then close
     the gap with the least important layer that crosses it: the result is at or below the target by
     less than one layer (never a large layer dropped just to cover a small remainder). With fill=False
     (a pass before the last) stop at the first layer that would cross instead: the remainder is left
     to the next pass, not filled with small layers from further down the ranking. keep {kind: N}: never
-    leave fewer than N layers of that kind (those are skipped)."""
-    chosen, keep = [], keep or {}
+    leave fewer than N layers of that kind (those are skipped). Where that binds and alone {layer: R with
+    it the only one of its kind left} covers the kind, the N of highest R alone stay (not the N most
+    important) and the rest of the kind goes by the ranking."""
+    chosen, keep, fixed = [], dict(keep or {}), set()
+    for kind, (layers, n) in (binding(cands, table, current, target, fill, keep) if alone else {}).items():
+        if all(p in alone for p in layers):
+            fixed |= set(sorted(layers, key=lambda p: -alone[p])[:n])
+            del keep[kind]
     left = {k: sum(kind_of(p) == k for p, _ in cands) for k in keep}
     ranked = sorted(cands, key=lambda c: (table[c[0]], -c[1]))
-    allowed = lambda p: not keep or kind_of(p) not in keep or left[kind_of(p)] > keep[kind_of(p)]
+    allowed = lambda p: p not in fixed and (not keep or kind_of(p) not in keep or left[kind_of(p)] > keep[kind_of(p)])
     for path, n in ranked:
         if not allowed(path):
             continue
@@ -379,7 +443,7 @@ def main(args):
     current = models.count_params(family, unet)
     cands = candidates(family, unet)
     t0 = time.time()
-    table, by_set, measured_in, base, stability = {}, {}, {}, None, None
+    table, by_set, measured_in, kept, base, stability = {}, {}, {}, {}, None, None
     if args.layers_from:  # a mask made elsewhere: the same layers, whatever this student's weights
         mask = models.check_student(args.layers_from, models.read_student_meta(args.layers_from), teacher)["removed"]
         missing = [p for p in meta["removed"] if p not in mask]
@@ -393,21 +457,27 @@ def main(args):
             print(f"prune: already at {current:,} <= target {target:,}; nothing removed")
             chosen = []
         elif args.importance_from:
-            table = stored_importance(args.importance_from, teacher, cands)
+            table, kept = stored_importance(args.importance_from, teacher, cands)
             by_set = {p: [] for p in table}
-            chosen, _ = select(cands, table, current, target, keep=kept_kinds(args))
+            binds = binding(cands, table, current, target, True, kept_kinds(args))
+            if args.keep_by == "alone" and any(p not in kept for layers, _ in binds.values() for p in layers):
+                print(f"prune: {args.importance_from} has no kept-alone R for every {'/'.join(binds)} layer (the rule did "
+                      f"not bind where it was measured): the ones kept are the most important, as --keep-by importance")
+            chosen, _ = select(cands, table, current, target, keep=kept_kinds(args),
+                               alone=mean_of(kept) if args.keep_by == "alone" else None)
         else:
             chosen, stability, base = passes(args, family, unet, teacher, cands, prompts, device, current, target,
-                                             table, by_set, measured_in)
+                                             table, by_set, measured_in, kept)
     models.remove_layers(unet, chosen)
     after = models.count_params(family, unet)
     rows = [{"layer": p, "kind": kind_of(p), "params": n, "importance": table[p], "by_seed_set": by_set[p],
-             "removed": p in chosen, "pass": measured_in.get(p, 1)}
+             "removed": p in chosen, "pass": measured_in.get(p, 1), "kept_alone": kept.get(p, [])}
             for p, n in sorted(cands, key=lambda c: (measured_in.get(c[0], 1), table.get(c[0], 0.0)))] if table else []
     print(f"{'layer':48s} {'params':>12s} {'importance':>12s} {'pass':>4s}  per seed set")
     for r in rows:
+        alone_r = f"  (R kept alone {sum(r['kept_alone']) / len(r['kept_alone']):.5f})" if r["kept_alone"] else ""
         print(f"{r['layer']:48s} {r['params']:12,d} {r['importance']:12.5f} {r['pass']:4d}  "
-              f"{' '.join(f'{v:8.5f}' for v in r['by_seed_set'])}{'  removed' if r['removed'] else ''}")
+              f"{' '.join(f'{v:8.5f}' for v in r['by_seed_set'])}{'  removed' if r['removed'] else ''}{alone_r}")
     if stability is not None:
         print(f"prune: rank correlation (Spearman) of the importances from seed sets "
               f"{halves(args.probe_seeds)}: {stability:.3f} "

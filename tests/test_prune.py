@@ -72,6 +72,18 @@ def test_select_removes_least_important_until_budget():
     assert prune.select(cands, table, 40, 20) == (["b.temp_convs.0", "b.temp_convs.1"], 20)
     assert prune.select(cands, table, 40, 20, keep={"temp_convs": 1}) == (["b.temp_convs.0", "b.attentions.0"], 20)
     assert prune.select(cands, table, 40, 25, keep={"temp_convs": 2}) == (["b.attentions.0", "b.resnets.0"], 20)
+    # where the rule binds, R measured with each as the only one of its kind left picks the one that stays
+    alone = {"b.temp_convs.0": 0.9, "b.temp_convs.1": 0.5}
+    assert prune.binding(cands, table, 40, 20, True, {"temp_convs": 1}) == {
+        "temp_convs": (["b.temp_convs.0", "b.temp_convs.1"], 1)}
+    assert prune.select(cands, table, 40, 20, keep={"temp_convs": 1}, alone=alone) == (
+        ["b.temp_convs.1", "b.attentions.0"], 20)
+    # where it does not bind, nothing changes: the least important goes, whatever its R alone
+    assert prune.binding(cands, table, 40, 30, True, {"temp_convs": 1}) == {}
+    assert prune.select(cands, table, 40, 30, keep={"temp_convs": 1}, alone=alone) == (["b.temp_convs.0"], 30)
+    # a kind that alone does not cover keeps the ranking's rule
+    assert prune.select(cands, table, 40, 20, keep={"temp_convs": 1}, alone={"b.temp_convs.1": 0.9}) == (
+        ["b.temp_convs.0", "b.attentions.0"], 20)
 
 
 def test_spearman_on_hand_made_rankings():
@@ -132,6 +144,45 @@ def test_reward_importance_prunes_further_from_a_student(pruned, vc2_dir, prompt
     proc = run("prune.py", "--model", "vc2", "--teacher", vc2_dir, "--layers-from", pruned, "--student", out,
                "--out", tmp_path / "bad.safetensors", check=False)
     assert proc.returncode == 2 and "already removed" in proc.stderr and not (tmp_path / "bad.safetensors").exists()
+
+
+def test_the_temporal_conv_kept_is_the_one_best_alone(vc2_dir, prompts_file, tmp_path):
+    out = tmp_path / "alone.safetensors"
+    flags = ["--model", "vc2", "--teacher", vc2_dir, "--prompts", prompts_file, "--importance", "output", "--timesteps",
+             "2", "--target-ratio", "0.3", "--keep-temporal-convs", "1", *TINY_SAMPLING]
+    proc = run("prune.py", *flags, "--out", out)
+    rows = json.loads(models.read_student_meta(str(out))["importance"])
+    convs = [r for r in rows if r["kind"] == "temp_convs"]
+    assert len(convs) > 1 and all(len(r["kept_alone"]) == 2 for r in convs)  # the rule bound: each measured alone
+    assert not any(r["kept_alone"] for r in rows if r["kind"] != "temp_convs") and "R kept alone" in proc.stdout
+    mean = lambda r: sum(r["kept_alone"]) / 2
+    (kept,) = [r for r in convs if not r["removed"]]
+    assert mean(kept) == max(mean(r) for r in convs)
+    # the value is R of the teacher with every other temporal conv removed, measured the same way
+    teacher = models.load_teacher(models.get_family("vc2"), vc2_dir)
+    args = prune.get_parser().parse_args([str(a) for a in flags])
+    other = [r["layer"] for r in convs if r is not kept]
+    unet = models.remove_layers(copy.deepcopy(teacher.unet), other)
+    measured = prune.prober(args, teacher.family, unet, teacher, models.read_prompts(prompts_file)[:8], "cpu")()
+    assert measured.tolist() == pytest.approx(kept["kept_alone"], rel=1e-4)
+    # alone() puts every layer back
+    x, emb = torch.randn(1, 4, 4, 8, 8), models.encode_prompts(teacher, ["a"])
+    before = models.predict_noise(teacher.family, teacher.unet, x, torch.tensor([5]), emb)
+    measure = prune.prober(args, teacher.family, teacher.unet, teacher, ["a"], "cpu")
+    assert set(prune.alone(measure, teacher.unet, [r["layer"] for r in convs])) == {r["layer"] for r in convs}
+    assert torch.equal(models.predict_noise(teacher.family, teacher.unet, x, torch.tensor([5]), emb), before)
+    # --keep-by importance: the most important one stays, and nothing is measured alone
+    ranked = tmp_path / "ranked.safetensors"
+    run("prune.py", *flags, "--keep-by", "importance", "--out", ranked)
+    rows = json.loads(models.read_student_meta(str(ranked))["importance"])
+    convs = [r for r in rows if r["kind"] == "temp_convs"]
+    (kept,) = [r for r in convs if not r["removed"]]
+    assert kept["importance"] == max(r["importance"] for r in convs) and not any(r["kept_alone"] for r in rows)
+    # a stored table reuses the alone measurements: the same mask without measuring
+    again = tmp_path / "again.safetensors"
+    run("prune.py", "--model", "vc2", "--teacher", vc2_dir, "--importance-from", out, "--target-ratio", "0.3",
+        "--keep-temporal-convs", "1", "--out", again)
+    assert sorted(models.read_student_meta(str(again))["removed"]) == sorted(models.read_student_meta(str(out))["removed"])
 
 
 def test_bad_arguments_are_one_line_errors(vc2_dir, prompts_file, tmp_path):
