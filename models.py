@@ -187,6 +187,15 @@ def read_lines(path):
     return io.StringIO(read_text(path), newline=None).readlines()
 
 
+def first_change(made, now, parser, skip=()):
+    """(key, value recorded, value now) of the first of `now`'s settings (a dict of `parser`'s arguments, keys in
+    `skip` left out) that `made`, an older record of them, has otherwise; None if none. A key the record lacks (a
+    flag newer than it) counts as made with the parser's default, so an old record resumes under the defaults."""
+    was = lambda k: made.get(k, parser.get_default(k))
+    k = next((k for k in now if k not in skip and was(k) != now[k]), None)
+    return None if k is None else (k, was(k), now[k])
+
+
 def read_json(path):
     try:
         return json.loads(read_text(path))

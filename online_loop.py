@@ -254,16 +254,15 @@ def check_work_dir(args, path):
     mine = {k: v for k, v in vars(args).items()
             if k not in ("nproc", "device", "isolate", "nnodes", "node_rank", "rdzv_endpoint")}
     if os.path.exists(path):
-        old = models.read_json(path)
-        default = vars(get_parser().parse_args([]))  # a flag newer than the record: it was run with its default
-        made = {k: old.get(k, default.get(k)) for k in mine}
-        for d in (made, mine):  # --train-steps: an int in a dir recorded before it went per round; all 0 = default
-            v = d["train_steps"] if isinstance(d["train_steps"], list) else [d["train_steps"]]
+        made, now = dict(models.read_json(path)), dict(mine)
+        for d in (made, now):  # --train-steps: an int in a dir recorded before it went per round; all 0 = default
+            v = d.get("train_steps", [])
+            v = v if isinstance(v, list) else [v]
             d["train_steps"] = v if any(v) else []
-        k = next((k for k in mine if made[k] != mine[k]), None)
-        if k is not None:
-            raise models.UserError(f"{path}: this work dir was made with --{k.replace('_', '-')}={made[k]!r}, "
-                                   f"not {mine[k]!r}; use another --work-dir")
+        diff = models.first_change(made, now, get_parser())
+        if diff:
+            raise models.UserError(f"{path}: this work dir was made with --{diff[0].replace('_', '-')}={diff[1]!r}, "
+                                   f"not {diff[2]!r}; use another --work-dir")
     else:
         models.write_json(path, mine)
 
@@ -318,10 +317,9 @@ def trained_otherwise(student, argv):
     if meta.get("stage") != "redpo":
         return ""
     now, made = vars(parser.parse_args([str(a) for a in argv[1:]])), json.loads(meta["args"])
-    was = lambda k: made.get(k, parser.get_default(k))  # a flag newer than the student: trained with its default
     free = ("out", "student", "pairs", "teacher", "motion_adapter", "device", "save_every", "log_every")
-    k = next((k for k in now if k not in free and was(k) != now[k]), None)
-    return "" if k is None else f"--{k.replace('_', '-')} {was(k)}, not {now[k]}"
+    diff = models.first_change(made, now, parser, skip=free)
+    return "" if diff is None else f"--{diff[0].replace('_', '-')} {diff[1]}, not {diff[2]}"
 
 
 def per_round(values, k):

@@ -347,12 +347,12 @@ def load_state(path, config, max_steps):
         made = state["config"]
     except Exception as e:
         raise models.UserError(f"{path}: not a readable training state ({type(e).__name__}); delete it to start over")
-    was = lambda k: made.get(k, get_parser().get_default(k))  # a flag newer than the state: made with its default
-    k = next((k for k in config if was(k) != config[k]), None)
-    if k is not None:
+    diff = models.first_change(made, config, get_parser())
+    if diff:
+        k, was, now = diff
         flag = "--batch-size x processes" if k == "global_batch" else "--" + k.replace("_", "-")
-        raise models.UserError(f"{path}: a training state made with {flag}={was(k)!r}, not "
-                               f"{config[k]!r}; rerun with that, or delete it to start over")
+        raise models.UserError(f"{path}: a training state made with {flag}={was!r}, not "
+                               f"{now!r}; rerun with that, or delete it to start over")
     if state["step"] > max_steps:
         raise models.UserError(f"{path}: a training state at step {state['step']}, past --max-steps {max_steps}")
     return state

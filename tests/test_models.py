@@ -1,4 +1,5 @@
 """models.py: the student checkpoint format (round trip, identities, refusal), loading, files, sampling."""
+import argparse
 import copy
 import os
 
@@ -165,3 +166,13 @@ def test_x0_scale_schedule():
     assert torch.allclose(s, torch.tensor([1.0, 0.7, 0.7, 0.7]))
     assert torch.equal(models.x0_scale(fam, torch.tensor([500]), enabled=False), torch.ones(1))
     assert torch.equal(models.x0_scale(models.get_family("toy"), torch.tensor([500])), torch.ones(1))
+
+
+def test_first_change_counts_a_setting_missing_from_an_old_record_as_its_default():
+    p = argparse.ArgumentParser()
+    p.add_argument("--a", type=int, default=1)
+    p.add_argument("--b", default="x")
+    assert models.first_change({"a": 1}, {"a": 1, "b": "x"}, p) is None  # "b" newer than the record: its default
+    assert models.first_change({"a": 1}, {"a": 1, "b": "y"}, p) == ("b", "x", "y")
+    assert models.first_change({"a": 2, "b": "y"}, {"a": 1, "b": "y"}, p) == ("a", 2, 1)  # the first that differs
+    assert models.first_change({"a": 2}, {"a": 1, "b": "x"}, p, skip=("a",)) is None
