@@ -150,7 +150,7 @@ def test_the_temporal_conv_kept_is_the_one_best_alone(vc2_dir, prompts_file, tmp
     out = tmp_path / "alone.safetensors"
     flags = ["--model", "vc2", "--teacher", vc2_dir, "--prompts", prompts_file, "--importance", "output", "--timesteps",
              "2", "--target-ratio", "0.3", "--keep-temporal-convs", "1", *TINY_SAMPLING]
-    proc = run("prune.py", *flags, "--out", out)
+    proc = run("prune.py", *flags, "--keep-by", "alone", "--out", out)
     rows = json.loads(models.read_student_meta(str(out))["importance"])
     convs = [r for r in rows if r["kind"] == "temp_convs"]
     assert len(convs) > 1 and all(len(r["kept_alone"]) == 2 for r in convs)  # the rule bound: each measured alone
@@ -181,8 +181,14 @@ def test_the_temporal_conv_kept_is_the_one_best_alone(vc2_dir, prompts_file, tmp
     # a stored table reuses the alone measurements: the same mask without measuring
     again = tmp_path / "again.safetensors"
     run("prune.py", "--model", "vc2", "--teacher", vc2_dir, "--importance-from", out, "--target-ratio", "0.3",
-        "--keep-temporal-convs", "1", "--out", again)
+        "--keep-temporal-convs", "1", "--keep-by", "alone", "--out", again)
     assert sorted(models.read_student_meta(str(again))["removed"]) == sorted(models.read_student_meta(str(out))["removed"])
+    # a stored table without them (the rule did not bind where it was measured) keeps the ranking's, and says so
+    proc = run("prune.py", "--model", "vc2", "--teacher", vc2_dir, "--importance-from", ranked, "--target-ratio", "0.3",
+               "--keep-temporal-convs", "1", "--keep-by", "alone", "--out", tmp_path / "fallback.safetensors")
+    assert "as --keep-by importance" in proc.stdout
+    assert sorted(models.read_student_meta(str(tmp_path / "fallback.safetensors"))["removed"]) == sorted(
+        models.read_student_meta(str(ranked))["removed"])
 
 
 def test_bad_arguments_are_one_line_errors(vc2_dir, prompts_file, tmp_path):
