@@ -9,9 +9,9 @@ temporal transformers, temporal convs, `transformer_in` and same-width ResNets (
 Layers are removed in order of importance until the prunable parameters (as the paper counts
 them) reach --target-params or --target-ratio of the teacher's; with --passes P the cut is made in
 P equal shares, importance measured again on what the earlier shares left (one layer of a kind
-that the others back up looks unimportant alone; the last ones do not). Where --keep-temporal-convs N
-binds (the ranking would leave fewer than N), the N that stay are those with the highest R measured as
-the only one of their kind left (--keep-by alone). Input: the teacher and optionally
+that the others back up looks unimportant alone; the last ones do not). Where temporal convolutions
+are cut to the last N of --keep-temporal-convs N, the N that stay are those with the highest R measured
+as the only one of their kind left (--keep-by alone). Input: the teacher and optionally
 the previous student; output: a student checkpoint whose metadata holds the removed layers and
 the importance table.
 
@@ -57,7 +57,7 @@ def get_parser():
                         "tell frame order (its temporal attention has no positional embedding), which one-layer-at-"
                         "a-time importance cannot see (0 = no such rule, the paper's)")
     p.add_argument("--keep-by", default="alone", choices=["alone", "importance"],
-                   help="where the rule binds (all but N of the kind would go), which N stay: alone = the highest R "
+                   help="where the kind is cut to its last N, which N stay: alone = the highest R "
                         "measured with each as the only one of its kind left (one probe run per layer of the kind); "
                         "importance = the N most important one at a time, each measured with all the others present")
     p.add_argument("--probe-seeds", type=int, default=2,
@@ -297,13 +297,14 @@ def stored_importance(path, teacher, cands):
 
 
 def binding(cands, table, current, target, fill, keep):
-    """{kind: (its candidates, N)} for each kind of keep {kind: N} whose rule binds: the selection without the
-    rule would leave fewer than N of that kind."""
+    """{kind: (its candidates, N)} for each kind of keep {kind: N} cut to its last N: the selection without the
+    rule would remove some of that kind and leave N or fewer."""
     if not keep:
         return {}
     free, _ = select(cands, table, current, target, fill)
     of = lambda kind: [p for p, _ in cands if kind_of(p) == kind]
-    return {k: (of(k), n) for k, n in keep.items() if len(of(k)) - sum(kind_of(p) == k for p in free) < n}
+    cut = lambda k: sum(kind_of(p) == k for p in free)
+    return {k: (of(k), n) for k, n in keep.items() if cut(k) and len(of(k)) - cut(k) <= n}
 
 
 def select(cands, table, current, target, fill=True, keep=None, alone=None):
@@ -312,9 +313,9 @@ def select(cands, table, current, target, fill=True, keep=None, alone=None):
     less than one layer (never a large layer dropped just to cover a small remainder). With fill=False
     (a pass before the last) stop at the first layer that would cross instead: the remainder is left
     to the next pass, not filled with small layers from further down the ranking. keep {kind: N}: never
-    leave fewer than N layers of that kind (those are skipped). Where that binds and alone {layer: R with
-    it the only one of its kind left} covers the kind, the N of highest R alone stay (not the N most
-    important) and the rest of the kind goes by the ranking."""
+    leave fewer than N layers of that kind (those are skipped). Where the kind is cut to its last N and
+    alone {layer: R with it the only one of its kind left} covers it, the N of highest R alone stay (not
+    the N most important) and the rest of the kind goes by the ranking."""
     chosen, keep, fixed = [], dict(keep or {}), set()
     for kind, (layers, n) in (binding(cands, table, current, target, fill, keep) if alone else {}).items():
         if all(p in alone for p in layers):

@@ -72,18 +72,23 @@ def test_select_removes_least_important_until_budget():
     assert prune.select(cands, table, 40, 20) == (["b.temp_convs.0", "b.temp_convs.1"], 20)
     assert prune.select(cands, table, 40, 20, keep={"temp_convs": 1}) == (["b.temp_convs.0", "b.attentions.0"], 20)
     assert prune.select(cands, table, 40, 25, keep={"temp_convs": 2}) == (["b.attentions.0", "b.resnets.0"], 20)
-    # where the rule binds, R measured with each as the only one of its kind left picks the one that stays
-    alone = {"b.temp_convs.0": 0.9, "b.temp_convs.1": 0.5}
-    assert prune.binding(cands, table, 40, 20, True, {"temp_convs": 1}) == {
-        "temp_convs": (["b.temp_convs.0", "b.temp_convs.1"], 1)}
+    # where the kind is cut to its last N, R measured with each as the only one of its kind left picks who stays
+    cands = [("b.temp_convs.0", 10), ("b.temp_convs.1", 10), ("b.temp_convs.2", 10), ("b.attentions.0", 10)]
+    table = {"b.temp_convs.0": 0.0, "b.temp_convs.1": 0.1, "b.temp_convs.2": 0.2, "b.attentions.0": 0.3}
+    alone = {"b.temp_convs.0": 0.9, "b.temp_convs.1": 0.5, "b.temp_convs.2": 0.4}
+    convs = ["b.temp_convs.0", "b.temp_convs.1", "b.temp_convs.2"]
+    assert prune.binding(cands, table, 40, 10, True, {"temp_convs": 1}) == {"temp_convs": (convs, 1)}  # would keep 0
+    assert prune.select(cands, table, 40, 10, keep={"temp_convs": 1}, alone=alone) == (
+        ["b.temp_convs.1", "b.temp_convs.2", "b.attentions.0"], 10)
+    assert prune.binding(cands, table, 40, 20, True, {"temp_convs": 1}) == {"temp_convs": (convs, 1)}  # would keep 1
     assert prune.select(cands, table, 40, 20, keep={"temp_convs": 1}, alone=alone) == (
-        ["b.temp_convs.1", "b.attentions.0"], 20)
-    # where it does not bind, nothing changes: the least important goes, whatever its R alone
+        ["b.temp_convs.1", "b.temp_convs.2"], 20)
+    # where more than N would stay anyway, nothing changes: the least important goes, whatever its R alone
     assert prune.binding(cands, table, 40, 30, True, {"temp_convs": 1}) == {}
     assert prune.select(cands, table, 40, 30, keep={"temp_convs": 1}, alone=alone) == (["b.temp_convs.0"], 30)
     # a kind that alone does not cover keeps the ranking's rule
-    assert prune.select(cands, table, 40, 20, keep={"temp_convs": 1}, alone={"b.temp_convs.1": 0.9}) == (
-        ["b.temp_convs.0", "b.attentions.0"], 20)
+    assert prune.select(cands, table, 40, 10, keep={"temp_convs": 1}, alone={"b.temp_convs.1": 0.9}) == (
+        ["b.temp_convs.0", "b.temp_convs.1", "b.attentions.0"], 10)
 
 
 def test_spearman_on_hand_made_rankings():
