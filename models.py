@@ -418,6 +418,7 @@ class Family:
     sft_branches: bool = False  # the loop's guided SFT also on each branch (redpo.py --sft-branches)
     sft_on: str = "winners"     # the loop's SFT members (redpo.py --sft-on; "both" adds the losers)
     keep_temporal_convs: int = 0  # the loop's pruning never removes the last N temporal convs (0 = no rule, the paper's)
+    keep_by: str = "importance"   # which of them stay where pruning cuts to those N (prune.py --keep-by; toy: alone)
     default_teacher: str = ""
     unet_config: dict = field(default_factory=dict)
 
@@ -436,7 +437,7 @@ FAMILIES = {
     # 4 eval videos a prompt for stable means
     "toy": Family("toy", 32, 32, 8, 10, 6.0, 0.0, 8, 1e-4, 500.0, 2, 0.6, latent_factor=4,
                   train_steps=(60, 180), pairs_per_prompt=2, eval_samples=4, sft_cfg=6.0, sft_branches=True, sft_on="both",
-                  keep_temporal_convs=1,
+                  keep_temporal_convs=1, keep_by="alone",
                   default_teacher=os.path.join(HERE, "toy", "teacher")),
 }
 

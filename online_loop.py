@@ -110,6 +110,7 @@ def get_parser():
     p.add_argument("--probe-seeds", type=int, nargs="+", default=[2, 4], help="importance seed sets, per round as --lr (2 4)")
     p.add_argument("--keep-temporal-convs", type=int, default=-1, metavar="N", help="pruning never removes the last "
                    "N temporal convs (prune.py's; -1 = the family's: toy 1, chosen on validation, others 0, the paper's)")
+    p.add_argument("--keep-by", default="", choices=["importance", "alone"], help="prune.py's (the family's: toy alone)")
     p.add_argument("--masks-from", default="", help="a work dir whose round-k/pruned.safetensors masks this run reuses")
     p.add_argument("--eval-samples", type=int, default=0, help="videos per eval prompt (0 = toy 4, other families 1)")
     p.add_argument("--eval-rounds", default="all", choices=["all", "last", "none"],
@@ -450,7 +451,8 @@ def loop(args, lock):
             how = ["--layers-from", mask]
         else:
             how = ["--prompts", probe, "--num-prompts", args.num_probe, "--probe-seeds", per_round(args.probe_seeds, k),
-                   "--importance", args.importance, "--keep-temporal-convs", keep_convs, *scorer, "--target-ratio", ratio]
+                   "--importance", args.importance, "--keep-temporal-convs", keep_convs, "--keep-by", args.keep_by or family.keep_by, *scorer,
+                   "--target-ratio", ratio]
         run("prune", pruned, ["prune.py", *base, *(["--student", previous] if previous else []), *how, "--out", pruned,
                               *probe_sampling, "--seed", args.seed], log("prune"))
         run("probe evaluation", report,

@@ -56,7 +56,7 @@ def get_parser():
                    help="never remove the last N temporal convolutions (vc2, toy): with none left the UNet cannot "
                         "tell frame order (its temporal attention has no positional embedding), which one-layer-at-"
                         "a-time importance cannot see (0 = no such rule, the paper's)")
-    p.add_argument("--keep-by", default="alone", choices=["alone", "importance"],
+    p.add_argument("--keep-by", default="importance", choices=["importance", "alone"],
                    help="where the kind is cut to its last N, which N stay: alone = the highest R "
                         "measured with each as the only one of its kind left (one probe run per layer of the kind); "
                         "importance = the N most important one at a time, each measured with all the others present")
@@ -242,7 +242,7 @@ def passes(args, family, unet, teacher, cands, prompts, device, current, target,
     """Remove layers down to `target` in --passes passes, each measuring importance on the model the earlier
     ones left and cutting an equal share of what remains (the last pass reaches the target). Fills table,
     by_set and measured_in with each layer's latest measurement (a removed layer's: the one that removed it),
-    and kept with alone()'s R per seed set where the --keep-temporal-convs rule binds (--keep-by alone);
+    and kept with alone()'s R per seed set where temporal convs are cut to their last N (--keep-by alone);
     returns (layers removed, pass 1's seed-set rank correlation, R of the unpruned model)."""
     chosen, stability, base, left = [], None, None, list(cands)
     measure = prober(args, family, unet, teacher, prompts, device)
@@ -462,8 +462,8 @@ def main(args):
             by_set = {p: [] for p in table}
             binds = binding(cands, table, current, target, True, kept_kinds(args))
             if args.keep_by == "alone" and any(p not in kept for layers, _ in binds.values() for p in layers):
-                print(f"prune: {args.importance_from} has no kept-alone R for every {'/'.join(binds)} layer (the rule did "
-                      f"not bind where it was measured): the ones kept are the most important, as --keep-by importance")
+                print(f"prune: {args.importance_from} has no kept-alone R for every {'/'.join(binds)} layer (not cut to its "
+                      f"last N where it was measured): the ones kept are the most important, as --keep-by importance")
             chosen, _ = select(cands, table, current, target, keep=kept_kinds(args),
                                alone=mean_of(kept) if args.keep_by == "alone" else None)
         else:

@@ -190,7 +190,8 @@ def test_the_embedded_toy_loop_with_reduced_settings(tmp_path, monkeypatch, caps
     argv = list(map(str, [
         "--work-dir", tmp_path / "work", "--eval-prompts", evalp, "--steps", "4", "--probe-steps", "2", "--num-probe",
         "2", "--probe-seeds", "1", "2", "--max-pair-prompts", "4", "--eval-samples", "1", "--no-filter", "--guard",
-        "0.05", "--lr", "3e-5", "1e-4", "--lr-schedule", "cosine", "constant", "--train-layers", "temporal", "all", "--sft-on", "both", "winners"]))
+        "0.05", "--lr", "3e-5", "1e-4", "--lr-schedule", "cosine", "constant", "--train-layers", "temporal", "all", "--sft-on", "both", "winners",
+        "--keep-by", "alone"]))
     online_loop.main(online_loop.get_parser().parse_args(argv))
     out = capsys.readouterr().out
     assert "V.I.P. finished" in out and "| round-2 | student |" in out
@@ -211,6 +212,7 @@ def test_the_embedded_toy_loop_with_reduced_settings(tmp_path, monkeypatch, caps
     assert (trained["lr_schedule"], second["lr_schedule"]) == ("cosine", "constant")  # and --lr-schedule
     pruned = models.read_student_meta(str(tmp_path / "work" / "round-2" / "pruned.safetensors"))
     assert json.loads(pruned["args"])["keep_temporal_convs"] == models.get_family("toy").keep_temporal_convs == 1
+    assert json.loads(pruned["args"])["keep_by"] == "alone"  # the loop's --keep-by reaches prune.py
     first = models.read_student_meta(str(tmp_path / "work" / "round-1" / "pruned.safetensors"))
     assert (json.loads(first["args"])["probe_seeds"], json.loads(pruned["args"])["probe_seeds"]) == (1, 2)  # per round
     assert len(json.loads(pruned["importance"])[0]["by_seed_set"]) == 2

@@ -144,7 +144,8 @@ def make_masks(seed_dir, seed, ratios):
     imp = os.path.join(masks, "importance.safetensors")
     r1, r2 = os.path.join(masks, "round-1", "pruned.safetensors"), os.path.join(masks, "round-2", "pruned.safetensors")
     log = lambda name: os.path.join(masks, "logs", f"{name}.log")
-    keep = ["--keep-temporal-convs", models.get_family("toy").keep_temporal_convs]  # the loop's rule, in every mask
+    toy = models.get_family("toy")
+    keep = ["--keep-temporal-convs", toy.keep_temporal_convs, "--keep-by", toy.keep_by]  # the loop's rule, in every mask
     online_loop.run_step("masks: importance on the teacher", imp,
                          ["prune.py", "--model", "toy", "--prompts", online_loop.TOY_PROMPTS["probe"],
                           "--target-ratio", ratios[-1], "--out", imp, "--seed", seed, *keep], log("importance"))
