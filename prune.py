@@ -57,9 +57,9 @@ def get_parser():
                         "tell frame order (its temporal attention has no positional embedding), which one-layer-at-"
                         "a-time importance cannot see (0 = no such rule, the paper's)")
     p.add_argument("--keep-by", default="importance", choices=["importance", "alone"],
-                   help="where the kind is cut to its last N, which N stay: alone = the highest R "
-                        "measured with each as the only one of its kind left (one probe run per layer of the kind); "
-                        "importance = the N most important one at a time, each measured with all the others present")
+                   help="where temporal convs are cut to the last N of --keep-temporal-convs, which N stay: alone = "
+                        "the highest R measured with each as the only one left (one probe run per conv); importance = "
+                        "the N most important one at a time, each measured with all the others present")
     p.add_argument("--probe-seeds", type=int, default=2,
                    help="seed sets per probe prompt: importance is their mean; with 2 or more, the rank "
                         "correlation between the mean importances of the first and the second half of the sets is "
@@ -190,14 +190,14 @@ def without(unet, paths):
                 setattr(parent, child, original)
 
 
-def importance(measure, unet, cands):
+def importance(measure, unet, cands, desc="importance"):
     """(R(M), {layer: importance}, {layer: [importance per seed set]}) for every candidate; each is
     removed in turn and then put back."""
     from tqdm import tqdm
 
     base = measure()
     table, by_set = {}, {}
-    for path, _ in tqdm(cands, desc="importance"):
+    for path, _ in tqdm(cands, desc=desc):
         with without(unet, [path]):
             d = base - measure()  # dR_l = R(M) - R(M without l), per seed set
         by_set[path], table[path] = d.tolist(), d.mean().item()
@@ -250,7 +250,7 @@ def passes(args, family, unet, teacher, cands, prompts, device, current, target,
         if current <= target or not left:
             break
         share = target if j == args.passes - 1 else round(current - (current - target) / (args.passes - j))
-        reward, t, s = importance(measure, unet, left)
+        reward, t, s = importance(measure, unet, left, desc=f"importance ({args.importance})")
         if j == 0:
             base = reward
             if args.probe_seeds >= 2:
