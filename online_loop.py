@@ -451,8 +451,8 @@ def loop(args, lock):
             how = ["--layers-from", mask]
         else:
             how = ["--prompts", probe, "--num-prompts", args.num_probe, "--probe-seeds", per_round(args.probe_seeds, k),
-                   "--importance", args.importance, "--keep-temporal-convs", keep_convs, "--keep-by", args.keep_by or family.keep_by, *scorer,
-                   "--target-ratio", ratio]
+                   "--importance", args.importance, "--keep-temporal-convs", keep_convs,
+                   "--keep-by", args.keep_by or family.keep_by, *scorer, "--target-ratio", ratio]
         run("prune", pruned, ["prune.py", *base, *(["--student", previous] if previous else []), *how, "--out", pruned,
                               *probe_sampling, "--seed", args.seed], log("prune"))
         run("probe evaluation", report,

@@ -188,7 +188,7 @@ def test_the_temporal_conv_kept_is_the_one_best_alone(vc2_dir, prompts_file, tmp
     run("prune.py", "--model", "vc2", "--teacher", vc2_dir, "--importance-from", out, "--target-ratio", "0.3",
         "--keep-temporal-convs", "1", "--keep-by", "alone", "--out", again)
     assert sorted(models.read_student_meta(str(again))["removed"]) == sorted(models.read_student_meta(str(out))["removed"])
-    # a stored table without them (the rule did not bind where it was measured) keeps the ranking's, and says so
+    # a stored table without them (measured with --keep-by importance) keeps the ranking's conv, and says so
     proc = run("prune.py", "--model", "vc2", "--teacher", vc2_dir, "--importance-from", ranked, "--target-ratio", "0.3",
                "--keep-temporal-convs", "1", "--keep-by", "alone", "--out", tmp_path / "fallback.safetensors")
     assert "as --keep-by importance" in proc.stdout
