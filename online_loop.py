@@ -65,7 +65,6 @@ CKPT_HOW = {
                                "guoyww/animatediff-motion-adapter-v1-5-2 --local-dir ckpt/animatediff-v1-5-2)",
     "ckpt/VideoScore": "download TIGER-Lab/VideoScore into it (hf download TIGER-Lab/VideoScore --local-dir ckpt/VideoScore)",
 }
-DIM_SHORT = models.DIM_SHORT
 
 
 def get_parser():
@@ -289,7 +288,7 @@ def round_rows(work, round_names):
 
 
 def table(rows):
-    head = "| round | model | params | GFLOPs | " + " | ".join(DIM_SHORT.values()) + " | avg | pairs made | kept |"
+    head = "| round | model | params | GFLOPs | " + " | ".join(models.DIM_SHORT.values()) + " | avg | pairs made | kept |"
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     fmt = lambda v, f: "-" if v is None else format(v, f)
     for r in rows:
@@ -311,16 +310,21 @@ def main(args):
             models.release_lock(lock)
 
 
-def trained_otherwise(student, argv):
-    """How a round's trained student was made otherwise than `argv`, this run's redpo.py command for it, would make it
-    ('--lr 0.0001, not 3e-05'), or "": settings only (paths, device, logging may differ); a pruned model kept as is."""
-    meta, parser = models.read_student_meta(student), importlib.import_module("redpo").get_parser()
-    if meta.get("stage") != "redpo":
-        return ""
-    now, made = vars(parser.parse_args([str(a) for a in argv[1:]])), json.loads(meta["args"])
-    free = ("out", "student", "pairs", "teacher", "motion_adapter", "device", "save_every", "log_every")
-    diff = models.first_change(made, now, parser, skip=free)
-    return "" if diff is None else f"--{diff[0].replace('_', '-')} {diff[1]}, not {diff[2]}"
+FREE = {"redpo": ("out", "student", "pairs", "teacher", "motion_adapter", "device", "save_every", "log_every"),
+        "prune": ("out", "student", "teacher", "motion_adapter", "device", "prompts", "layers_from", "importance_from")}
+
+
+def made_otherwise(path, argv, verb):
+    """Refuse the round's model at `path` if `argv`, this run's prune.py or redpo.py command for it, would make it
+    otherwise ('trained with --lr 0.0001, not 3e-05'); paths, device and logging may differ, and a model another stage
+    made (a pruned model kept as the round's student) is not compared."""
+    stage, meta = os.path.splitext(argv[0])[0], models.read_student_meta(path) if os.path.exists(path) else {}
+    parser = importlib.import_module(stage).get_parser()
+    diff = meta.get("stage") == stage and models.first_change(json.loads(meta["args"]), vars(parser.parse_args(
+        [str(a) for a in argv[1:]])), parser, skip=FREE[stage])
+    if diff:  # e.g. a family default changed since this work dir was made: not this run's model
+        raise models.UserError(f"{path}: {verb} with --{diff[0].replace('_', '-')} {diff[1]}, not {diff[2]}; "
+                               "use another --work-dir")
 
 
 def per_round(values, k):
@@ -400,15 +404,9 @@ def loop(args, lock):
             "--precision", args.precision]
     if adapter:
         base += ["--motion-adapter", absolute(args.motion_adapter, adapter)]
-    sampling = []
-    for flag in ("steps", "cfg", "eta", "frames", "height", "width"):
-        value = getattr(args, flag)
-        if value not in (0, 0.0, -1.0):
-            sampling += [f"--{flag}", value]
-    if args.no_x0_rescale:
-        sampling.append("--no-x0-rescale")
-    scorer = ["--scorer", scorer_name] + (["--scorer-path", absolute(args.scorer_path, scorer_path)]
-                                          if scorer_path else [])
+    sampling = [x for f in ("steps", "cfg", "eta", "frames", "height", "width") if getattr(args, f) not in (0, 0.0, -1.0)
+                for x in (f"--{f}", getattr(args, f))] + (["--no-x0-rescale"] if args.no_x0_rescale else [])  # given only
+    scorer = ["--scorer", scorer_name] + (["--scorer-path", absolute(args.scorer_path, scorer_path)] if scorer_path else [])
     probe_sampling = sampling + (["--steps", args.probe_steps] if args.probe_steps else [])
 
     seconds = {}  # where the time goes: each step run here, by name (results.json)
@@ -453,8 +451,10 @@ def loop(args, lock):
             how = ["--prompts", probe, "--num-prompts", args.num_probe, "--probe-seeds", per_round(args.probe_seeds, k),
                    "--importance", args.importance, "--keep-temporal-convs", keep_convs,
                    "--keep-by", args.keep_by or family.keep_by, *scorer, "--target-ratio", ratio]
-        run("prune", pruned, ["prune.py", *base, *(["--student", previous] if previous else []), *how, "--out", pruned,
-                              *probe_sampling, "--seed", args.seed], log("prune"))
+        prune = ["prune.py", *base, *(["--student", previous] if previous else []), *how, "--out", pruned,
+                 *probe_sampling, "--seed", args.seed]
+        made_otherwise(pruned, prune, "pruned")
+        run("prune", pruned, prune, log("prune"))
         run("probe evaluation", report,
             ["evaluate.py", *base, "--students", pruned, "--labels", "pruned", "--prompts", probe, "--out-dir",
              os.path.join(rd, "probe"), *scorer, *sampling, "--no-efficiency", "--no-side-by-side",
@@ -481,9 +481,7 @@ def loop(args, lock):
                  "--seed", args.seed, "--train-layers", per_round(args.train_layers, k_train),
                  "--sft-on", per_round(args.sft_on or [family.sft_on], k_train), *(["--sft-branches"] if branches else []),
                  *([] if toy else ["--save-every", 100])]  # real runs: a rerun of the loop resumes inside ReDPO
-        other = trained_otherwise(student, train) if os.path.exists(student) else ""
-        if other:  # e.g. a family default changed since this work dir was made: not this run's student
-            raise models.UserError(f"{student}: trained with {other}; use another --work-dir")
+        made_otherwise(student, train, "trained")
         if not os.path.exists(student):
             nothing = count_lines(kept) == 0  # nothing to learn from: the round keeps the pruned student
             if nothing and args.node_rank:

@@ -232,6 +232,11 @@ def test_the_embedded_toy_loop_with_reduced_settings(tmp_path, monkeypatch, caps
     monkeypatch.setitem(models.FAMILIES, "toy", dataclasses.replace(toy, beta=50.0))
     with pytest.raises(models.UserError, match=f"round-1/student.safetensors: trained with --beta {toy.beta}, not 50.0;"):
         online_loop.main(online_loop.get_parser().parse_args(argv))
+    # and a pruned model made otherwise (a pruning default changed): refused by name before anything is redone
+    monkeypatch.setitem(models.FAMILIES, "toy", dataclasses.replace(toy, keep_temporal_convs=2))
+    with pytest.raises(models.UserError, match="round-1/pruned.safetensors: pruned with --keep-temporal-convs 1, not 2;"):
+        online_loop.main(online_loop.get_parser().parse_args(argv))
+    assert made == [os.stat(tmp_path / "work" / f"round-{k}" / "student.safetensors").st_mtime_ns for k in (1, 2)]
 
 
 def test_work_dir_recorded_with_one_train_steps_number_still_resumes(tmp_path):
