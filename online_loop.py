@@ -311,7 +311,8 @@ def main(args):
 
 
 FREE = {"redpo": ("out", "student", "pairs", "teacher", "motion_adapter", "device", "save_every", "log_every"),
-        "prune": ("out", "student", "teacher", "motion_adapter", "device", "prompts", "layers_from", "importance_from")}
+        "prune": ("out", "student", "teacher", "motion_adapter", "device", "prompts", "scorer_path", "layers_from",
+                  "importance_from")}  # paths: a clone moved elsewhere resumes
 
 
 def made_otherwise(path, argv, verb):
