@@ -316,13 +316,14 @@ FREE = {"redpo": ("out", "student", "pairs", "teacher", "motion_adapter", "devic
 
 
 def made_otherwise(path, argv, verb):
-    """Refuse the round's model at `path` if `argv`, this run's prune.py or redpo.py command for it, would make it
-    otherwise ('trained with --lr 0.0001, not 3e-05'); paths, device and logging may differ, and a model another stage
-    made (a pruned model kept as the round's student) is not compared."""
+    """Refuse the round's model at `path` if `argv`, this run's prune.py or redpo.py command for it, would make it otherwise
+    (settings only: paths, device, logging are free); a model another stage made (a pruned one kept as the student) passes."""
     stage, meta = os.path.splitext(argv[0])[0], models.read_student_meta(path) if os.path.exists(path) else {}
+    if meta.get("stage") != stage:
+        return
     parser = importlib.import_module(stage).get_parser()
-    diff = meta.get("stage") == stage and models.first_change(json.loads(meta["args"]), vars(parser.parse_args(
-        [str(a) for a in argv[1:]])), parser, skip=FREE[stage])
+    now = vars(parser.parse_args([str(a) for a in argv[1:]]))
+    diff = models.first_change(json.loads(meta["args"]), now, parser, skip=FREE[stage])
     if diff:  # e.g. a family default changed since this work dir was made: not this run's model
         raise models.UserError(f"{path}: {verb} with --{diff[0].replace('_', '-')} {diff[1]}, not {diff[2]}; "
                                "use another --work-dir")
