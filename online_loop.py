@@ -76,11 +76,13 @@ def get_parser():
     p.add_argument("--rounds", type=int, default=0, help="online rounds K (0 = the paper's: vc2 2, animatediff 3)")
     p.add_argument("--final-ratio", type=float, default=0.0,
                    help="prunable parameters kept after the last round (0 = the paper's: vc2 0.638, animatediff 0.325)")
-    p.add_argument("--schedule", default="linear", choices=["linear", "geometric"], help="per-round budget: "
-                   "equal parameter cuts, or an equal fraction kept each round")
+    p.add_argument("--schedule", default="linear", choices=["linear", "geometric"],
+                   help="per-round budget: equal parameter cuts, or an equal fraction kept each round")
     p.add_argument("--no-online", action="store_true", help="ablation: prune once to the final size, train once (as the last round)")
-    p.add_argument("--loss", default="redpo", choices=["redpo", "dpo", "sft"], help="training loss (ablations)")
-    p.add_argument("--beta", type=float, default=0.0, help="DPO temperature (0 = the family's: toy 500, others 5000)")
+    p.add_argument("--loss", nargs="+", default=["redpo"], choices=["redpo", "dpo", "sft"],
+                   help="training loss (sft and dpo: ablations), one for every round or one per round, as --lr")
+    p.add_argument("--beta", type=float, nargs="+", default=[], help="DPO temperature, per round as --lr "
+                   "(0 = the family's: toy 500, others 5000)")
     p.add_argument("--w-sft", type=float, default=1.0, help="SFT weight in ReDPO")
     p.add_argument("--reference", default="student0", choices=["teacher", "student0"], help="DPO reference: the round's pruned "
                    "student (Diffusion-DPO's convention; chosen on the toy's validation prompts) or the teacher M_0 (the paper's)")
@@ -243,10 +245,7 @@ def wait_for(name, marker, work, poll=10.0, grace=300.0):
 
 
 def count_lines(path):
-    if not os.path.exists(path):
-        return 0
-    with open(path, "rb") as f:
-        return sum(1 for ln in f if ln.strip())
+    return sum(1 for ln in models.read_lines(path) if ln.strip()) if os.path.exists(path) else 0
 
 
 def check_work_dir(args, path):
@@ -255,10 +254,10 @@ def check_work_dir(args, path):
             if k not in ("nproc", "device", "isolate", "nnodes", "node_rank", "rdzv_endpoint")}
     if os.path.exists(path):
         made, now = dict(models.read_json(path)), dict(mine)
-        for d in (made, now):  # --train-steps: an int in a dir recorded before it went per round; all 0 = default
-            v = d.get("train_steps", [])
+        for d, k in [(d, k) for d in (made, now) for k in ("train_steps", "beta", "loss")]:  # a scalar: recorded
+            v = d.get(k, get_parser().get_default(k))  # before the flag went per round; all 0 = the default
             v = v if isinstance(v, list) else [v]
-            d["train_steps"] = v if any(v) else []
+            d[k] = v if any(v) else []
         diff = models.first_change(made, now, get_parser())
         if diff:
             raise models.UserError(f"{path}: this work dir was made with --{diff[0].replace('_', '-')}={diff[1]!r}, "
@@ -475,8 +474,8 @@ def loop(args, lock):
             log("filter"), nproc=args.nproc)
         k_train = rounds_online if args.no_online else k  # one-shot trains with the last round's settings
         steps = per_round(args.train_steps or [0], k_train) or per_round(family.train_steps, k_train)
-        train = ["redpo.py", *base, "--student", pruned, "--pairs", kept, "--out", student, "--loss", args.loss,
-                 "--beta", args.beta or family.beta, "--w-sft", args.w_sft, "--reference", args.reference,
+        train = ["redpo.py", *base, "--student", pruned, "--pairs", kept, "--out", student, "--loss", per_round(args.loss, k_train),
+                 "--beta", per_round(args.beta or [0], k_train) or family.beta, "--w-sft", args.w_sft, "--reference", args.reference,
                  "--uncond-prob", args.uncond_prob, "--sft-cfg", sft_cfg, "--max-steps", steps,
                  "--batch-size", args.train_batch_size, "--lr", per_round(args.lr or [family.lr], k_train),
                  "--lr-schedule", per_round(args.lr_schedule or family.lr_schedule, k_train),
@@ -510,7 +509,7 @@ def loop(args, lock):
                                                             "seconds": {k: round(v, 1) for k, v in seconds.items()}})
     with models.atomic_path(os.path.join(work, "results.md")) as tmp, open(tmp, "w") as f:
         f.write(f"V.I.P. on {args.model}: {'one-shot (no online)' if args.no_online else f'{rounds} online rounds'}, "
-                f"loss {args.loss}, final ratio {final:.3f}, scorer {scorer_name}\n\n{text}\n")
+                f"loss {' '.join(args.loss)}, final ratio {final:.3f}, scorer {scorer_name}\n\n{text}\n")
     print(f"\n{text}\n\nV.I.P. finished in {time.time() - t0:.0f}s (" + ", ".join(
         f"{k} {v:.0f}s" for k, v in sorted(seconds.items(), key=lambda kv: -kv[1]) if v >= 0.5)
         + f"); results in {os.path.relpath(work)}/results.md")

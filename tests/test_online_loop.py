@@ -191,7 +191,7 @@ def test_the_embedded_toy_loop_with_reduced_settings(tmp_path, monkeypatch, caps
         "--work-dir", tmp_path / "work", "--eval-prompts", evalp, "--steps", "4", "--probe-steps", "2", "--num-probe",
         "2", "--probe-seeds", "1", "2", "--max-pair-prompts", "4", "--eval-samples", "1", "--no-filter", "--guard",
         "0.05", "--lr", "3e-5", "1e-4", "--lr-schedule", "cosine", "constant", "--train-layers", "temporal", "all", "--sft-on", "both", "winners",
-        "--keep-by", "alone"]))
+        "--keep-by", "alone", "--loss", "sft", "redpo", "--beta", "0", "300"]))
     online_loop.main(online_loop.get_parser().parse_args(argv))
     out = capsys.readouterr().out
     assert "V.I.P. finished" in out and "| round-2 | student |" in out
@@ -210,6 +210,9 @@ def test_the_embedded_toy_loop_with_reduced_settings(tmp_path, monkeypatch, caps
     assert (trained["train_layers"], second["train_layers"]) == ("temporal", "all")  # --train-layers per round too
     assert (trained["sft_on"], second["sft_on"]) == ("both", "winners")  # and --sft-on
     assert (trained["lr_schedule"], second["lr_schedule"]) == ("cosine", "constant")  # and --lr-schedule
+    assert (trained["loss"], second["loss"]) == ("sft", "redpo")  # and --loss
+    assert (trained["beta"], second["beta"]) == (models.get_family("toy").beta, 300.0)  # and --beta (0: the family's)
+    assert "loss sft redpo," in open(tmp_path / "work" / "results.md").read()
     pruned = models.read_student_meta(str(tmp_path / "work" / "round-2" / "pruned.safetensors"))
     assert json.loads(pruned["args"])["keep_temporal_convs"] == models.get_family("toy").keep_temporal_convs == 1
     assert json.loads(pruned["args"])["keep_by"] == "alone"  # the loop's --keep-by reaches prune.py
@@ -253,4 +256,22 @@ def test_work_dir_recorded_with_one_train_steps_number_still_resumes(tmp_path):
             online_loop.check_work_dir(args, record)
         else:
             with pytest.raises(models.UserError, match="made with --train-steps="):
+                online_loop.check_work_dir(args, record)
+
+
+def test_work_dir_recorded_with_one_loss_and_beta_still_resumes(tmp_path):
+    """--loss and --beta went per round: a record's single value equals the same value given once now, and a
+    recorded beta 0 (the family's) equals none given."""
+    record = str(tmp_path / "loop.args.json")
+    parse = lambda *argv: online_loop.get_parser().parse_args([*argv, "--work-dir", str(tmp_path)])
+    old = vars(parse())
+    for key, was, now, ok in (("loss", "redpo", [], True), ("loss", "sft", ["sft"], True), ("loss", "sft", [], False),
+                              ("loss", "redpo", ["sft", "redpo"], False), ("beta", 0.0, [], True),
+                              ("beta", 500.0, ["500"], True), ("beta", 500.0, [], False), ("beta", 0.0, ["0", "0"], True)):
+        models.write_json(record, {**old, key: was})
+        args = parse(*([f"--{key}", *now] if now else []))
+        if ok:
+            online_loop.check_work_dir(args, record)
+        else:
+            with pytest.raises(models.UserError, match=f"made with --{key}="):
                 online_loop.check_work_dir(args, record)
