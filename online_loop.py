@@ -253,12 +253,12 @@ def check_work_dir(args, path):
     mine = {k: v for k, v in vars(args).items()
             if k not in ("nproc", "device", "isolate", "nnodes", "node_rank", "rdzv_endpoint")}
     if os.path.exists(path):
-        made, now = dict(models.read_json(path)), dict(mine)
+        made, now, parser = dict(models.read_json(path)), dict(mine), get_parser()
         for d, k in [(d, k) for d in (made, now) for k in ("train_steps", "beta", "loss")]:  # a scalar: recorded
-            v = d.get(k, get_parser().get_default(k))  # before the flag went per round; all 0 = the default
+            v = d.get(k, parser.get_default(k))  # before the flag went per round; all 0 = the default
             v = v if isinstance(v, list) else [v]
             d[k] = v if any(v) else []
-        diff = models.first_change(made, now, get_parser())
+        diff = models.first_change(made, now, parser)
         if diff:
             raise models.UserError(f"{path}: this work dir was made with --{diff[0].replace('_', '-')}={diff[1]!r}, "
                                    f"not {diff[2]!r}; use another --work-dir")

@@ -242,36 +242,23 @@ def test_the_embedded_toy_loop_with_reduced_settings(tmp_path, monkeypatch, caps
     assert made == [os.stat(tmp_path / "work" / f"round-{k}" / "student.safetensors").st_mtime_ns for k in (1, 2)]
 
 
-def test_work_dir_recorded_with_one_train_steps_number_still_resumes(tmp_path):
-    """A work dir recorded when --train-steps was one number: 0 (the default) and N equal [] and [N] now; an explicit
-    0 is the default too."""
+def test_work_dir_recorded_with_one_value_of_a_per_round_flag_still_resumes(tmp_path):
+    """--train-steps, --loss and --beta went per round: a record's single value equals the same value given once now;
+    a recorded 0 (the default: the family's) equals none given, and an explicit 0 is the default too."""
     record = str(tmp_path / "loop.args.json")
     parse = lambda *argv: online_loop.get_parser().parse_args([*argv, "--work-dir", str(tmp_path)])
     old = vars(parse())
-    for was, now, ok in ((0, [], True), (60, ["60"], True), (60, ["60", "180"], False), (0, ["60"], False),
-                         ([0], [], True), ([], ["0", "0"], True), ([0, 180], ["0", "180"], True), ([60], [], False)):
-        models.write_json(record, {**old, "train_steps": was})
-        args = parse(*(["--train-steps", *now] if now else []))
-        if ok:
-            online_loop.check_work_dir(args, record)
-        else:
-            with pytest.raises(models.UserError, match="made with --train-steps="):
-                online_loop.check_work_dir(args, record)
-
-
-def test_work_dir_recorded_with_one_loss_and_beta_still_resumes(tmp_path):
-    """--loss and --beta went per round: a record's single value equals the same value given once now, and a
-    recorded beta 0 (the family's) equals none given."""
-    record = str(tmp_path / "loop.args.json")
-    parse = lambda *argv: online_loop.get_parser().parse_args([*argv, "--work-dir", str(tmp_path)])
-    old = vars(parse())
-    for key, was, now, ok in (("loss", "redpo", [], True), ("loss", "sft", ["sft"], True), ("loss", "sft", [], False),
+    for key, was, now, ok in (("train_steps", 0, [], True), ("train_steps", 60, ["60"], True),
+                              ("train_steps", 60, ["60", "180"], False), ("train_steps", 0, ["60"], False),
+                              ("train_steps", [0], [], True), ("train_steps", [], ["0", "0"], True),
+                              ("train_steps", [0, 180], ["0", "180"], True), ("train_steps", [60], [], False),
+                              ("loss", "redpo", [], True), ("loss", "sft", ["sft"], True), ("loss", "sft", [], False),
                               ("loss", "redpo", ["sft", "redpo"], False), ("beta", 0.0, [], True),
                               ("beta", 500.0, ["500"], True), ("beta", 500.0, [], False), ("beta", 0.0, ["0", "0"], True)):
         models.write_json(record, {**old, key: was})
-        args = parse(*([f"--{key}", *now] if now else []))
+        args = parse(*([f"--{key.replace('_', '-')}", *now] if now else []))
         if ok:
             online_loop.check_work_dir(args, record)
         else:
-            with pytest.raises(models.UserError, match=f"made with --{key}="):
+            with pytest.raises(models.UserError, match=f"made with --{key.replace('_', '-')}="):
                 online_loop.check_work_dir(args, record)
