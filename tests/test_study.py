@@ -209,7 +209,19 @@ def test_study_masks_keep_the_loops_temporal_convolutions(tmp_path, monkeypatch)
         assert f.read() == "masks: round 2"
 
 
-def test_the_job_queue_runs_each_unit_after_what_it_reads_and_no_more_than_jobs_at_once(tmp_path):
+def test_minutes_left_scales_the_unit_estimates_by_the_pace_so_far(monkeypatch):
+    """Hand-made numbers: the finished masks took twice their estimate, so the waiting evaluation counts double and
+    the running masks have twice their estimate less what they have run; a unit done in seconds (a rerun finding it
+    finished) does not set the pace."""
+    monkeypatch.setattr(study, "UNIT_SECONDS", {"masks": 300, "evaluate": 200})
+    took = {(0, "masks"): 600.0, (2, "masks"): 3.0}
+    left = study.minutes_left({(0, "evaluate"): []}, {(1, "masks"): 1000.0 - 100}, took, 2, now=1000.0)
+    assert left == pytest.approx((2 * 200 + (2 * 300 - 100)) / 2 / 60)
+    assert study.minutes_left({(0, "evaluate"): []}, {}, {(2, "masks"): 3.0}, 1, now=0.0) == pytest.approx(200 / 60)
+    assert study.minutes_left({}, {(1, "masks"): 0.0}, took, 1, now=10_000.0) == 0  # overdue: nothing left, not less
+
+
+def test_the_job_queue_runs_each_unit_after_what_it_reads_and_no_more_than_jobs_at_once(tmp_path, capsys):
     """--jobs: real processes (each unit here a short python that records when it ran); no unit starts before
     its prerequisites end, at most --jobs run at once, and every unit runs once. A failing unit stops the queue:
     what waits on it never starts, and the error is one line naming the unit's log."""
@@ -240,6 +252,9 @@ def test_the_job_queue_runs_each_unit_after_what_it_reads_and_no_more_than_jobs_
     moments = sorted(t for start, _ in runs.values() for t in (start + 1e-4,))
     assert max(sum(s <= t < e for s, e in runs.values()) for t in moments) == 2  # two at a time, never three
     assert os.path.exists(tmp_path / "w" / "logs" / "seed-1-v-i-p-redpo-online.log")
+    done = [line for line in capsys.readouterr().out.splitlines() if " done in " in line]
+    assert len(done) == len(jobs) and all("min left at this pace)" in line for line in done[:-1])
+    assert "left" not in done[-1]  # the last unit: nothing left to estimate
 
     record.unlink()
     args.fail = (0, "SFT online")

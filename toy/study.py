@@ -23,7 +23,8 @@ makes a smaller study (those arms are neither run nor reported, nor the differen
 --jobs N runs the study as a queue of units (a seed's masks, each arm, its evaluation), N processes of one
 thread at a time, each unit as soon as what it reads is finished (an arm after the masks and the arm whose data
 it copies; the evaluation after every arm), the longest remaining chain first; each unit's output goes to
-WORK_DIR/logs/seed-S-UNIT.log. So the cores stay busy to the end instead of waiting on the last seed.
+WORK_DIR/logs/seed-S-UNIT.log, and each unit done prints the minutes left at the pace so far. So the cores stay
+busy to the end instead of waiting on the last seed.
 
 --loops DIR... gathers finished `online_loop.py --seed S --work-dir DIR` runs instead (the loop as shipped, one
 seed a dir): per round, the trained student against its own pruned start, paired over the runs.
@@ -238,6 +239,18 @@ UNIT_SECONDS = {"masks": 270, "SFT one-shot": 180, "ReDPO one-shot": 65, "SFT on
                 "V.I.P. (ReDPO online)": 205, "DPO online (no SFT term)": 165, "evaluate": 280}
 
 
+def minutes_left(pending, running, took, jobs, now):
+    """Minutes the queue has left at the pace so far: each unit's UNIT_SECONDS scaled by what the finished units took
+    against theirs, less what the running units ({unit: start time}) have already run, spread over `jobs` processes.
+    An estimate: it ignores that a unit may wait for another. Units done in under 30 s (a rerun finds them finished)
+    do not set the pace."""
+    est = lambda u: UNIT_SECONDS.get(u[1], 60)
+    took = {u: s for u, s in took.items() if s >= 30}
+    scale = sum(took.values()) / sum(est(u) for u in took) if took else 1.0
+    work = sum(est(u) for u in pending) * scale + sum(max(0.0, est(u) * scale - (now - t)) for u, t in running.items())
+    return work / jobs / 60
+
+
 def units(args):
     """The study as {(seed, unit): the units it waits for}: per seed the masks, each arm of the study that
     --arms asks for, then the evaluation. An arm waits for the masks and for the arm whose data it copies (SHARE;
@@ -295,7 +308,7 @@ def run_jobs(args, argv_of=unit_argv):
     logs = os.path.join(args.work_dir, "logs")
     os.makedirs(logs, exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "PYTHONUNBUFFERED": "1"}
-    pending, running, done, failed, t0 = dict(jobs), {}, set(), [], time.time()
+    pending, running, done, failed, t0, took = dict(jobs), {}, set(), [], time.time(), {}
     stamp = lambda: f"[{(time.time() - t0) / 60:5.1f} min]"
     with models.sigterm_exits(), stopping(running):  # SIGTERM, Ctrl-C or an error: no unit is left running
         while running or (pending and not failed):
@@ -319,7 +332,10 @@ def run_jobs(args, argv_of=unit_argv):
                 del running[u]
                 if proc.returncode == 0:
                     done.add(u)
-                    print(f"{stamp()} seed {u[0]}: {u[1]} done in {time.time() - t:.0f}s", flush=True)
+                    took[u] = time.time() - t
+                    left = minutes_left(pending, {v: r[3] for v, r in running.items()}, took, args.jobs, time.time())
+                    eta = f" (about {left:.0f} min left at this pace)" if pending or running else ""
+                    print(f"{stamp()} seed {u[0]}: {u[1]} done in {took[u]:.0f}s{eta}", flush=True)
                 else:
                     failed.append(f"seed {u[0]}: {u[1]} failed with exit code {proc.returncode}; its log is {log_path}")
                     print(f"{stamp()} {failed[-1]}", flush=True)
