@@ -239,6 +239,7 @@ def run_seed(args, seed):
 # work): the queue's order, and its estimate of the time left, which scales them by the pace of the units done.
 UNIT_SECONDS = {"masks": 520, "SFT one-shot": 560, "ReDPO one-shot": 420, "SFT online": 910,
                 "V.I.P. (ReDPO online)": 880, "DPO online (no SFT term)": 1100, "evaluate": 620}
+unit_seconds = lambda u: UNIT_SECONDS.get(u[1], 60)  # a (seed, unit)'s estimate
 
 
 def minutes_left(pending, running, took, jobs, now):
@@ -246,7 +247,7 @@ def minutes_left(pending, running, took, jobs, now):
     against theirs, less what the running units ({unit: start time}) have already run, spread over `jobs` processes.
     An estimate: it ignores that a unit may wait for another. Units done in under 30 s (a rerun finds them finished)
     do not set the pace."""
-    est = lambda u: UNIT_SECONDS.get(u[1], 60)
+    est = unit_seconds
     took = {u: s for u, s in took.items() if s >= 30}
     scale = sum(took.values()) / sum(est(u) for u in took) if took else 1.0
     work = sum(est(u) for u in pending) * scale + sum(max(0.0, est(u) * scale - (now - t)) for u, t in running.items())
@@ -304,17 +305,17 @@ def run_jobs(args, argv_of=unit_argv):
 
     def longest(u):  # seconds from u's start to the end of the longest chain through it
         if u not in chain:
-            chain[u] = UNIT_SECONDS.get(u[1], 60) + max([longest(v) for v in after[u]], default=0)
+            chain[u] = unit_seconds(u) + max([longest(v) for v in after[u]], default=0)
         return chain[u]
 
     logs = os.path.join(args.work_dir, "logs")
     os.makedirs(logs, exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "PYTHONUNBUFFERED": "1"}
-    pending, running, done, failed, t0, took = dict(jobs), {}, set(), [], time.time(), {}
+    pending, running, failed, t0, took = dict(jobs), {}, [], time.time(), {}  # took: the units done, their seconds
     stamp = lambda: f"[{(time.time() - t0) / 60:5.1f} min]"
     with models.sigterm_exits(), stopping(running):  # SIGTERM, Ctrl-C or an error: no unit is left running
         while running or (pending and not failed):
-            ready = sorted((u for u, deps in pending.items() if all(d in done for d in deps)),
+            ready = sorted((u for u, deps in pending.items() if all(d in took for d in deps)),
                            key=lambda u: (-longest(u), u))
             for u in ready[:max(0, args.jobs - len(running)) if not failed else 0]:
                 del pending[u]
@@ -333,7 +334,6 @@ def run_jobs(args, argv_of=unit_argv):
                 log.close()
                 del running[u]
                 if proc.returncode == 0:
-                    done.add(u)
                     took[u] = time.time() - t
                     left = minutes_left(pending, {v: r[3] for v, r in running.items()}, took, args.jobs, time.time())
                     eta = f" (about {left:.0f} min left at this pace)" if pending or running else ""
