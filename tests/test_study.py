@@ -249,6 +249,8 @@ def test_the_job_queue_runs_each_unit_after_what_it_reads_and_no_more_than_jobs_
     assert set(runs) == set(jobs) and len(jobs) == 2 * (len(study.ARMS) + 2)
     for u, deps in jobs.items():
         assert all(runs[d][1] <= runs[u][0] for d in deps), u
+    later = [runs[(1, n)][0] for n in ("ReDPO one-shot", "V.I.P. (ReDPO online)", "DPO online (no SFT term)")]
+    assert runs[(0, "evaluate")][0] < min(later)  # seed by seed: seed 0 is evaluated before seed 1's last arms start
     moments = sorted(t for start, _ in runs.values() for t in (start + 1e-4,))
     assert max(sum(s <= t < e for s, e in runs.values()) for t in moments) == 2  # two at a time, never three
     assert os.path.exists(tmp_path / "w" / "logs" / "seed-1-v-i-p-redpo-online.log")

@@ -22,7 +22,8 @@ makes a smaller study (those arms are neither run nor reported, nor the differen
 
 --jobs N runs the study as a queue of units (a seed's masks, each arm, its evaluation), N processes of one
 thread at a time, each unit as soon as what it reads is finished (an arm after the masks and the arm whose data
-it copies; the evaluation after every arm), the longest remaining chain first; each unit's output goes to
+it copies; the evaluation after every arm), seed by seed (a ready unit of an earlier seed first, so a study stopped
+part way has whole seeds evaluated), within a seed the longest remaining chain first; each unit's output goes to
 WORK_DIR/logs/seed-S-UNIT.log, and each unit done prints the minutes left at the pace so far. So the cores stay
 busy to the end instead of waiting on the last seed.
 
@@ -296,7 +297,8 @@ def stopping(running):
 
 def run_jobs(args, argv_of=unit_argv):
     """Run units(args), --jobs at a time (processes; their output in WORK_DIR/logs/seed-S-UNIT.log), each once its
-    prerequisites are done, the one heading the longest remaining chain first. A unit that fails stops the
+    prerequisites are done: the earliest seed's first (finished seeds are what a stopped study keeps),
+within a seed the one heading the longest remaining chain. A unit that fails stops the
     queue (the running ones finish) and is a one-line error naming its log. Ctrl-C or SIGTERM stops the running
     units too (each releases its loop's lock); a rerun skips what is finished, appending to the logs."""
     jobs = units(args)
@@ -316,7 +318,7 @@ def run_jobs(args, argv_of=unit_argv):
     with models.sigterm_exits(), stopping(running):  # SIGTERM, Ctrl-C or an error: no unit is left running
         while running or (pending and not failed):
             ready = sorted((u for u, deps in pending.items() if all(d in took for d in deps)),
-                           key=lambda u: (-longest(u), u))
+                           key=lambda u: (args.seeds.index(u[0]), -longest(u), u))
             for u in ready[:max(0, args.jobs - len(running)) if not failed else 0]:
                 del pending[u]
                 log_path = os.path.join(logs, f"seed-{u[0]}-{slug(u[1])}.log")
