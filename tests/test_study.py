@@ -262,6 +262,9 @@ def test_the_job_queue_runs_each_unit_after_what_it_reads_and_no_more_than_jobs_
     args.fail = (0, "SFT online")
     with pytest.raises(models.UserError, match=r"seed 0: SFT online failed with exit code 3; its log is .*seed-0-sft-online\.log"):
         study.run_jobs(args, argv_of)
+    out = capsys.readouterr().out
+    after = out[out.index(" failed with exit code "):].splitlines()[1:]
+    assert not any("left" in line for line in after)  # the time left no longer counts units that will never start
     ran = {tuple(line.split("|")[:2]) for line in record.read_text().splitlines()}
     assert ("0", "V.I.P. (ReDPO online)") not in ran and ("0", "evaluate") not in ran
     with pytest.raises(models.UserError, match="--jobs must be at least 1"):

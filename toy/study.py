@@ -337,8 +337,9 @@ within a seed the one heading the longest remaining chain. A unit that fails sto
                 del running[u]
                 if proc.returncode == 0:
                     took[u] = time.time() - t
-                    left = minutes_left(pending, {v: r[3] for v, r in running.items()}, took, args.jobs, time.time())
-                    eta = f" (about {left:.0f} min left at this pace)" if pending or running else ""
+                    waiting = {} if failed else pending  # after a failure nothing waiting will start
+                    left = minutes_left(waiting, {v: r[3] for v, r in running.items()}, took, args.jobs, time.time())
+                    eta = f" (about {left:.0f} min left at this pace)" if waiting or running else ""
                     print(f"{stamp()} seed {u[0]}: {u[1]} done in {took[u]:.0f}s{eta}", flush=True)
                 else:
                     failed.append(f"seed {u[0]}: {u[1]} failed with exit code {proc.returncode}; its log is {log_path}")
