@@ -235,11 +235,11 @@ def run_seed(args, seed):
 
 
 # ----------------------------------------------------------------------------- a queue of units over the cores
-# One core's seconds per unit on the toy at the defaults of 2026-12-03, two processes on 2 cores (measured in a
-# study: masks, the SFT arms and V.I.P. on seeds 0-4, DPO online on seeds 0-1; the other two estimated from their
-# work): the queue's order, and its estimate of the time left, which scales them by the pace of the units done.
-UNIT_SECONDS = {"masks": 520, "SFT one-shot": 560, "ReDPO one-shot": 420, "SFT online": 910,
-                "V.I.P. (ReDPO online)": 880, "DPO online (no SFT term)": 1100, "evaluate": 620}
+# One core's seconds per unit on the toy at the defaults of 2026-12-03, two processes alone on 2 cores (the study
+# in toy/study-runs, seeds 0-1, rounded): the queue's order, and its estimate of the time left, which scales them
+# by the pace of the units done.
+UNIT_SECONDS = {"masks": 470, "SFT one-shot": 460, "ReDPO one-shot": 300, "SFT online": 670,
+                "V.I.P. (ReDPO online)": 490, "DPO online (no SFT term)": 350, "evaluate": 450}
 unit_seconds = lambda u: UNIT_SECONDS.get(u[1], 60)  # a (seed, unit)'s estimate
 
 
