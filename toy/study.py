@@ -24,8 +24,8 @@ makes a smaller study (those arms are neither run nor reported, nor the differen
 thread at a time, each unit as soon as what it reads is finished (an arm after the masks and the arm whose data
 it copies; the evaluation after every arm), seed by seed (a ready unit of an earlier seed first, so a study stopped
 part way has whole seeds evaluated), within a seed the longest remaining chain first; each unit's output goes to
-WORK_DIR/logs/seed-S-UNIT.log, and each unit done prints the minutes left at the pace so far. So the cores stay
-busy to the end instead of waiting on the last seed.
+WORK_DIR/logs/seed-S-UNIT.log, and each unit done prints the minutes left at the pace so far. The cores stay busy
+but for the end, where the last seed's chain runs with fewer units ready than --jobs.
 
 --loops DIR... gathers finished `online_loop.py --seed S --work-dir DIR` runs instead (the loop as shipped, one
 seed a dir): per round, the trained student against its own pruned start, paired over the runs.
@@ -297,8 +297,8 @@ def stopping(running):
 
 def run_jobs(args, argv_of=unit_argv):
     """Run units(args), --jobs at a time (processes; their output in WORK_DIR/logs/seed-S-UNIT.log), each once its
-    prerequisites are done: the earliest seed's first (finished seeds are what a stopped study keeps),
-within a seed the one heading the longest remaining chain. A unit that fails stops the
+    prerequisites are done: the earliest seed's first (finished seeds are what a stopped study keeps), within a
+    seed the one heading the longest remaining chain. A unit that fails stops the
     queue (the running ones finish) and is a one-line error naming its log. Ctrl-C or SIGTERM stops the running
     units too (each releases its loop's lock); a rerun skips what is finished, appending to the logs."""
     jobs = units(args)
