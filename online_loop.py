@@ -46,9 +46,7 @@ import models
 import rewards
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-TOY_PROMPTS = {"pool": os.path.join(HERE, "toy", "prompts", "pool.txt"),
-               "probe": os.path.join(HERE, "toy", "prompts", "probe.txt"),
-               "eval": os.path.join(HERE, "toy", "prompts", "eval.txt")}
+TOY_PROMPTS = {k: os.path.join(HERE, "toy", "prompts", f"{k}.txt") for k in ("pool", "probe", "eval")}
 # vc2 / animatediff defaults: tools/make_prompts.py's files, and local folders relative to the current directory,
 # each with how to make it (the message when it is missing)
 REAL_PROMPTS = {k: os.path.join(HERE, "prompts", f"{k}.txt") for k in ("pool", "probe", "eval")}
@@ -99,6 +97,8 @@ def get_parser():
                    "(redpo.py): one for every round or one per round, as --lr (default: all; toy/RESULTS.md)")
     p.add_argument("--sft-on", nargs="+", default=[], choices=["winners", "both"], help="SFT on the winners (the "
                    "paper's) or on both members (redpo.py), per round as --lr (default: toy both, others winners)")
+    p.add_argument("--interpolate", type=float, nargs="+", default=[], metavar="A", help="redpo.py's: write pruned start + A "
+                   "(trained - start), per round as --lr (default: the family's: toy 0.5 1, chosen on validation; others 1, off)")
     p.add_argument("--sft-branches", action=argparse.BooleanOptionalAction, default=None, help="redpo.py --sft-branches "
                    "(guided SFT on each branch too) in every round (default: the family's: toy on, others off)")
     p.add_argument("--samples-per-prompt", type=int, default=0, help="pairs per curated prompt, each its own seed (0 = toy 2, others 1)")
@@ -481,6 +481,7 @@ def loop(args, lock):
                  "--lr-schedule", per_round(args.lr_schedule or family.lr_schedule, k_train),
                  "--seed", args.seed, "--train-layers", per_round(args.train_layers, k_train),
                  "--sft-on", per_round(args.sft_on or [family.sft_on], k_train), *(["--sft-branches"] if branches else []),
+                 "--interpolate", per_round(args.interpolate or family.interpolate, k_train),
                  *([] if toy else ["--save-every", 100])]  # real runs: a rerun of the loop resumes inside ReDPO
         made_otherwise(student, train, "trained")
         if not os.path.exists(student):

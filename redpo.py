@@ -13,6 +13,7 @@ One seeded stream over the global batch (--batch-size x processes) draws data or
 so N processes train as one with N times the --batch-size (up to float rounding). --save-every N writes the
 training state atomically to <out>.state.pt, from which the same command resumes to an uninterrupted run's weights.
 A non-finite input, loss or gradient norm stops with one line before the optimizer step, keeping the last good state.
+--interpolate A writes start + A (trained - start) (WiSE-FT), the trained weights pulled back toward the start's.
 
 Tiny CPU:  python redpo.py --model toy --pairs runs/pairs.jsonl --student runs/pruned.safetensors \
                --out runs/redpo.safetensors --max-steps 50
@@ -46,9 +47,8 @@ def get_parser():
                    help="DPO temperature, the 1/2 applied in the loss (0 = the family's: toy 500, others 5000)")
     p.add_argument("--w-sft", type=float, default=1.0, help="weight of the SFT term in ReDPO")
     p.add_argument("--sft-target", default="teacher", choices=["teacher", "noise"], help="SFT onto the teacher's prediction or the noise")
-    p.add_argument("--sft-cfg", type=float, default=0.0,
-                   help="SFT on the guided prediction eps(0) + w (eps(c) - eps(0)) at this CFG scale w, the noise estimate "
-                        "the sampler follows (0 = on the conditional prediction alone; needs --sft-target teacher)")
+    p.add_argument("--sft-cfg", type=float, default=0.0, help="SFT on the guided prediction eps(0) + w (eps(c) - eps(0)) at this "
+                   "CFG scale w, the sampler's noise estimate (0 = on the conditional one alone; needs --sft-target teacher)")
     p.add_argument("--sft-branches", action="store_true", help="with --sft-cfg: SFT on each branch too (the mean of the "
                    "guided, unconditional and conditional errors): the branches cannot drift where the guided sum is blind")
     p.add_argument("--snr-gamma", type=float, default=0.0, help="min-SNR-gamma weighting of the SFT term: each pair's "
@@ -69,14 +69,15 @@ def get_parser():
     p.add_argument("--save-every", type=int, default=0,
                    help="every N steps write the training state to <out>.state.pt; a rerun resumes from it (0 = off)")
     p.add_argument("--uncond-prob", type=float, default=0.1, help="prompt dropout: a pair trains on the empty prompt (both members)")
-    p.add_argument("--heldout-pairs", type=int, default=-1,
-                   help="pairs kept out of training to measure the distance to the teacher (-1 = auto: n/10, at most 8; with none held out the first 4 training pairs are used)")
+    p.add_argument("--interpolate", type=float, default=1.0, metavar="A", help="write start + A (trained - start), A in (0, 1]: "
+                   "the trained weights pulled back toward the starting student's (WiSE-FT's weight interpolation; 1 = off)")
+    p.add_argument("--heldout-pairs", type=int, default=-1, help="pairs kept out of training to measure the distance to "
+                   "the teacher (-1 = auto: n/10, at most 8; with none held out the first 4 training pairs are used)")
     p.add_argument("--log-every", type=int, default=10, help="every N steps a log line: term-wise gradient norms, distance to teacher")
     p.add_argument("--no-x0-rescale", action="store_true", help="vc2: noise x0 without VC2's scale_t")
     p.add_argument("--grad-checkpointing", action="store_true", help="recompute UNet blocks in backward")
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
-                   help="auto = on CUDA bf16 (teacher and reference in bf16 weights, the student's float32 master weights under "
-                        "bf16 autocast), float32 elsewhere")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"], help="auto = on CUDA bf16 (teacher and "
+                   "reference in bf16 weights, the student's float32 master weights under bf16 autocast), float32 elsewhere")
     p.add_argument("--compile", action="store_true", help="torch.compile the UNets (student, teacher, reference)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
@@ -144,10 +145,7 @@ def redpo_loss(eps_theta, eps_ref, eps, beta=5000.0, w_sft=1.0, loss_type="redpo
     diff_w, diff_l = (err_theta - err_ref).chunk(2)          # (B,), (B,)
     inside = -0.5 * beta * (diff_w - diff_l)                 # the 1/2 of -(beta/2)
     L_dpo = -F.logsigmoid(inside)
-    if sft_target == "teacher":
-        target_w = eps_ref[:B] if eps_teacher_w is None else eps_teacher_w.float()
-    else:
-        target_w = eps[:B]
+    target_w = (eps_ref[:B] if eps_teacher_w is None else eps_teacher_w.float()) if sft_target == "teacher" else eps[:B]
     pred_w = eps_theta[:B] if eps_theta_sft is None else eps_theta_sft.float()
     L_sft = (pred_w - target_w).pow(2).flatten(1).mean(1).view(-1, B).mean(0)  # (B,): on both members, their mean
     per_sample = {"redpo": L_dpo + w_sft * L_sft, "dpo": L_dpo, "sft": L_sft}[loss_type]
@@ -218,14 +216,12 @@ def trainable_parameters(family, unet, layers="all"):
 
 def train_step(family, scheduler, student, teacher_unet, reference, batch, args, use_bf16, device, loss_fn=redpo_loss,
                uncond=None):
-    """One micro-batch of ReDPO: noise [winners; losers] with a shared t and eps, one student forward
-    (with grad) and, under no_grad, the teacher's forward as DPO reference and SFT target; with a
-    separate reference (the initial student) its forward on [winners; losers] and the teacher's on the
-    winners only (the SFT target). Returns (loss, stats).
-
-    batch = (x0_w, x0_l, emb, t, eps) on `device`: winners' and losers' latents (B, C, F, h, w), the
-    text embeddings (B, L, D) (the empty prompt's where dropped), and the pairs' timesteps (B,) and
-    noise (B, C, F, h, w), drawn by the caller (the seeded stream of `draw_batch`).
+    """One micro-batch of ReDPO: noise [winners; losers] with a shared t and eps, one student forward (with grad)
+    and, under no_grad, the teacher's forward as DPO reference and SFT target; with a separate reference (the
+    initial student) its forward on [winners; losers] and the teacher's on the winners only (the SFT target).
+    Returns (loss, stats). batch = (x0_w, x0_l, emb, t, eps) on `device`: winners' and losers' latents (B, C, F, h, w),
+    the text embeddings (B, L, D) (the empty prompt's where dropped), and the pairs' timesteps (B,) and noise
+    (B, C, F, h, w), drawn by the caller (the seeded stream of `draw_batch`).
     With --sft-cfg w > 0 (needs `uncond`, the empty prompt's (1, L, D) embedding) the student and the
     teacher also see the winners with the empty prompt (in the same forwards), and SFT compares their
     guided predictions eps(0) + w * (eps(c) - eps(0)), the noise estimate a CFG-w sampler follows.
@@ -310,9 +306,8 @@ def split_heldout(n_pairs, requested, seed):
 
 
 def draw_batch(g, order, cursor, global_batch, T, latent_shape, uncond_prob):
-    """The next global micro-batch from the seeded stream `g`, drawn alike by every rank: pair indices,
-    prompt-dropout flags, timesteps t (each (G,)) and noise eps (G, C, F, h, w); a new epoch's order when
-    the current one has fewer than G pairs left. Returns (idx, drop, t, eps, order, cursor)."""
+    """The next global micro-batch from the seeded stream `g`, drawn alike by every rank: pair indices, prompt-dropout
+    flags, t (each (G,)) and eps (G, C, F, h, w), and (order, cursor); a new epoch's order when fewer than G are left."""
     if cursor + global_batch > len(order):
         order, cursor = torch.randperm(len(order), generator=g), 0
     idx = order[cursor:cursor + global_batch]
@@ -380,6 +375,8 @@ def main(args):
     use_bf16 = frozen == torch.bfloat16
     if not 0 <= args.uncond_prob <= 1:
         raise models.UserError(f"--uncond-prob must be in [0, 1] (got {args.uncond_prob})")
+    if not 0 < args.interpolate <= 1:
+        raise models.UserError(f"--interpolate must be in (0, 1] (got {args.interpolate})")
     if args.sft_on == "both" and args.sft_target != "teacher":
         raise models.UserError("--sft-on both: needs --sft-target teacher (the losers' own noise is no target)")
     if args.sft_branches and not args.sft_cfg:
@@ -409,8 +406,7 @@ def main(args):
         model = torch.nn.parallel.DistributedDataParallel(student, device_ids=[device] if device.startswith("cuda") else None)
     teacher_unet = teacher.unet
     if args.compile:  # the UNets' forwards compiled (off by default: benchmarks/RESULTS.md)
-        model, teacher_unet = torch.compile(model), torch.compile(teacher.unet)
-        reference = torch.compile(reference) if reference is not None else None
+        model, teacher_unet, reference = torch.compile(model), torch.compile(teacher.unet), reference and torch.compile(reference)
     loss_fn = torch.compile(redpo_loss) if device.startswith("cuda") else redpo_loss
     on_cuda = device.startswith("cuda")  # fused AdamW: one kernel for all parameters
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=args.weight_decay, fused=True if on_cuda else None)
@@ -440,10 +436,9 @@ def main(args):
               f"{sum(p.numel() for p in params):,} trainable parameters ({args.train_layers} layers), "
               f"loss={args.loss} beta={beta:g} w_sft={args.w_sft} sft_cfg={args.sft_cfg:g} sft_branches={args.sft_branches} "
               f"snr_gamma={args.snr_gamma:g} sft_on={args.sft_on} reference={args.reference} uncond_prob={args.uncond_prob} lr={lr:g} ({args.lr_schedule}) "
-              f"steps={args.max_steps} (~{args.max_steps * args.batch_size * args.grad_accum * world / n_pairs:.1f} "
+              f"interpolate={args.interpolate:g} steps={args.max_steps} (~{args.max_steps * args.batch_size * args.grad_accum * world / n_pairs:.1f} "
               f"epochs) world={world} device={device}")
     from tqdm import tqdm
-
     T = scheduler.config.num_train_timesteps
     mine = slice(rank * args.batch_size, (rank + 1) * args.batch_size)  # this rank's pairs of a global batch
     for step in tqdm(range(start, args.max_steps + 1), desc="redpo", disable=rank != 0, initial=start - 1,
@@ -503,6 +498,11 @@ def main(args):
                        f" | dist_teacher {row['dist_teacher_cond']:.5f}/{row['dist_teacher_uncond']:.5f}"
                        f"/{row['dist_teacher_guided']:.4f} | lr {row['lr']:.2e} | {rate:.2f} steps/s")
     stop_if_non_finite(args.max_steps, [("weight", largest_weight(params))], state_path, f"writing {args.out}")
+    if args.interpolate < 1:  # WiSE-FT: A of the way from the starting weights (read again, float32) to the trained
+        start = trainable_parameters(family, models.load_model(teacher, args.student, torch.float32)[0], args.train_layers)
+        with torch.no_grad():
+            for p, p0 in zip(params, start):  # the same names in the same order
+                p.lerp_(p0.to(p.device), 1 - args.interpolate)
     if rank == 0:
         seconds = seconds0 + time.time() - t0
         models.save_student(args.out, family, student, teacher, meta.get("round", "0"), args, stage="redpo",
@@ -512,7 +512,7 @@ def main(args):
         if os.path.exists(state_path):  # the checkpoint is complete: nothing left to resume
             os.remove(state_path)
         print(f"redpo: wrote {args.out} ({models.count_params(family, student):,} prunable parameters, "
-              f"{args.max_steps} steps in {seconds:.1f}s)")
+              f"{args.max_steps} steps in {seconds:.1f}s" + (f", {args.interpolate:g} of the way from the start" if args.interpolate < 1 else "") + ")")
     models.dist_cleanup()
 
 

@@ -211,6 +211,7 @@ def test_the_embedded_toy_loop_with_reduced_settings(tmp_path, monkeypatch, caps
     assert (trained["sft_on"], second["sft_on"]) == ("both", "winners")  # and --sft-on
     assert (trained["lr_schedule"], second["lr_schedule"]) == ("cosine", "constant")  # and --lr-schedule
     assert (trained["loss"], second["loss"]) == ("sft", "redpo")  # and --loss
+    assert (trained["interpolate"], second["interpolate"]) == models.get_family("toy").interpolate  # the family's, per round
     assert (trained["beta"], second["beta"]) == (models.get_family("toy").beta, 300.0)  # and --beta (0: the family's)
     assert "loss sft redpo," in open(tmp_path / "work" / "results.md").read()
     pruned = models.read_student_meta(str(tmp_path / "work" / "round-2" / "pruned.safetensors"))

@@ -216,6 +216,25 @@ def test_train_layers_temporal_moves_only_temporal_layers(vc2_dir, pruned, pairs
         models.load_teacher(models.get_family("vc2"), vc2_dir), pruned)[0], "temporal")) == temporal
 
 
+def test_interpolate_writes_the_blend_of_the_start_and_the_trained_weights(vc2_dir, pruned, pairs, tmp_path, capsys):
+    """--interpolate A: the same training, then start + A (trained - start) written, the tensors the blend's to
+    float rounding (the start read again from its file), and A recorded in the checkpoint's arguments."""
+    common = ["--model", "vc2", "--teacher", vc2_dir, "--student", pruned, "--pairs", os.path.join(pairs[0], "pairs.jsonl"),
+              "--max-steps", "2", "--batch-size", "2", "--lr", "1e-2"]
+    for name, a in (("full", "1"), ("blend", "0.25")):
+        redpo.main(redpo.get_parser().parse_args([*common, "--out", str(tmp_path / f"{name}.safetensors"), "--interpolate", a]))
+    assert "0.25 of the way from the start" in capsys.readouterr().out
+    start, full, blend = (load_file(str(p)) for p in (pruned, tmp_path / "full.safetensors", tmp_path / "blend.safetensors"))
+    moved = [k for k in full if not torch.equal(full[k], start[k])]
+    assert len(moved) > len(full) // 2
+    for k in full:
+        torch.testing.assert_close(blend[k], start[k] + 0.25 * (full[k] - start[k]), rtol=1e-5, atol=1e-6)
+    assert json.loads(models.read_student_meta(str(tmp_path / "blend.safetensors"))["args"])["interpolate"] == 0.25
+    (tmp_path / "refused").mkdir()
+    for bad in ("0", "1.5"):
+        assert_refused(vc2_dir, pruned, pairs, tmp_path / "refused", ["--interpolate", bad], "--interpolate must be in")
+
+
 def test_animatediff_trains_only_motion_modules(animatediff_dirs, prompts_file, tmp_path):
     sd, adapter = animatediff_dirs
     common = ["--model", "animatediff", "--teacher", sd, "--motion-adapter", adapter]
