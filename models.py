@@ -435,10 +435,10 @@ FAMILIES = {
                           unet_config=SD15_UNET_CONFIG),
     # toy: all 48 pool prompts x 2 seeds (~80 pairs kept), 60 steps of 4 pairs in round 1 (about 3 epochs) and 180
     # at the final size (about 8; 60 left it under-trained): chosen on the validation prompts (toy/RESULTS.md);
-    # 4 eval videos a prompt for stable means; round 1's trained weights halfway back to its pruned start (WiSE-FT)
+    # 4 eval videos a prompt for stable means
     "toy": Family("toy", 32, 32, 8, 10, 6.0, 0.0, 8, 1e-4, 500.0, 2, 0.6, latent_factor=4,
                   train_steps=(60, 180), pairs_per_prompt=2, eval_samples=4, sft_cfg=6.0, sft_branches=True, sft_on="both",
-                  keep_temporal_convs=1, keep_by="alone", interpolate=(0.5, 1.0),
+                  keep_temporal_convs=1, keep_by="alone",
                   default_teacher=os.path.join(HERE, "toy", "teacher")),
 }
 

@@ -98,7 +98,7 @@ def get_parser():
     p.add_argument("--sft-on", nargs="+", default=[], choices=["winners", "both"], help="SFT on the winners (the "
                    "paper's) or on both members (redpo.py), per round as --lr (default: toy both, others winners)")
     p.add_argument("--interpolate", type=float, nargs="+", default=[], metavar="A", help="redpo.py's: write pruned start + A "
-                   "(trained - start), per round as --lr (default: the family's: toy 0.5 1, chosen on validation; others 1, off)")
+                   "(trained - start), per round as --lr (default 1, off; toy/RESULTS.md row 53)")
     p.add_argument("--sft-branches", action=argparse.BooleanOptionalAction, default=None, help="redpo.py --sft-branches "
                    "(guided SFT on each branch too) in every round (default: the family's: toy on, others off)")
     p.add_argument("--samples-per-prompt", type=int, default=0, help="pairs per curated prompt, each its own seed (0 = toy 2, others 1)")

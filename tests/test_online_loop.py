@@ -191,7 +191,7 @@ def test_the_embedded_toy_loop_with_reduced_settings(tmp_path, monkeypatch, caps
         "--work-dir", tmp_path / "work", "--eval-prompts", evalp, "--steps", "4", "--probe-steps", "2", "--num-probe",
         "2", "--probe-seeds", "1", "2", "--max-pair-prompts", "4", "--eval-samples", "1", "--no-filter", "--guard",
         "0.05", "--lr", "3e-5", "1e-4", "--lr-schedule", "cosine", "constant", "--train-layers", "temporal", "all", "--sft-on", "both", "winners",
-        "--keep-by", "alone", "--loss", "sft", "redpo", "--beta", "0", "300"]))
+        "--keep-by", "alone", "--loss", "sft", "redpo", "--beta", "0", "300", "--interpolate", "0.5", "1"]))
     online_loop.main(online_loop.get_parser().parse_args(argv))
     out = capsys.readouterr().out
     assert "V.I.P. finished" in out and "| round-2 | student |" in out
@@ -211,7 +211,7 @@ def test_the_embedded_toy_loop_with_reduced_settings(tmp_path, monkeypatch, caps
     assert (trained["sft_on"], second["sft_on"]) == ("both", "winners")  # and --sft-on
     assert (trained["lr_schedule"], second["lr_schedule"]) == ("cosine", "constant")  # and --lr-schedule
     assert (trained["loss"], second["loss"]) == ("sft", "redpo")  # and --loss
-    assert (trained["interpolate"], second["interpolate"]) == models.get_family("toy").interpolate  # the family's, per round
+    assert (trained["interpolate"], second["interpolate"]) == (0.5, 1.0)  # and --interpolate
     assert (trained["beta"], second["beta"]) == (models.get_family("toy").beta, 300.0)  # and --beta (0: the family's)
     assert "loss sft redpo," in open(tmp_path / "work" / "results.md").read()
     pruned = models.read_student_meta(str(tmp_path / "work" / "round-2" / "pruned.safetensors"))
