@@ -419,7 +419,6 @@ class Family:
     sft_on: str = "winners"     # the loop's SFT members (redpo.py --sft-on; "both" adds the losers)
     keep_temporal_convs: int = 0  # the loop's pruning never removes the last N temporal convs (0 = no rule, the paper's)
     keep_by: str = "importance"   # which of them stay where pruning cuts to those N (prune.py --keep-by; toy: alone)
-    interpolate: tuple = (1.0,)   # the loop's WiSE-FT share of the trained weights, per round (redpo.py --interpolate; 1 = off)
     default_teacher: str = ""
     unet_config: dict = field(default_factory=dict)
 

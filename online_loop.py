@@ -338,8 +338,6 @@ def loop(args, lock):
     rounds_online = args.rounds or family.rounds
     rounds = 1 if args.no_online else rounds_online
     final = args.final_ratio or family.final_ratio
-    if not 0 < final < 1:
-        raise models.UserError(f"--final-ratio must be in (0, 1), got {final}")
     toy = args.model == "toy"
     for flag in ("max_pair_prompts", "samples_per_prompt", "train_steps", "eval_samples"):
         values = getattr(args, flag) if isinstance(getattr(args, flag), list) else [getattr(args, flag)]
@@ -351,10 +349,12 @@ def loop(args, lock):
     branches = (family.sft_branches and sft_cfg > 0) if args.sft_branches is None else args.sft_branches
     if branches and not sft_cfg:
         raise models.UserError("--sft-branches needs guided SFT (--sft-cfg > 0)")
-    if not all(lr > 0 for lr in args.lr):
-        raise models.UserError(f"--lr must be > 0 (got {' '.join(f'{lr:g}' for lr in args.lr)})")
-    if args.guard is not None and not args.guard >= 0:
-        raise models.UserError(f"--guard must be >= 0 (got {args.guard})")
+    checks = (("--final-ratio", [final], lambda v: 0 < v < 1, "in (0, 1)"), ("--lr", args.lr, lambda v: v > 0, "> 0"),
+              ("--interpolate", args.interpolate, lambda v: 0 < v <= 1, "in (0, 1]"),
+              ("--guard", [] if args.guard is None else [args.guard], lambda v: v >= 0, ">= 0"))  # NaN fails each
+    for flag, values, ok, rule in checks:
+        if not all(map(ok, values)):
+            raise models.UserError(f"{flag} must be {rule} (got {' '.join(f'{v:g}' for v in values)})")
     eval_samples = args.eval_samples or family.eval_samples
     # Defaults: the toy's shipped teacher, prompts and judge; for vc2 / animatediff the paper's reward
     # (VideoScore), tools/make_prompts.py's files and the conventional folders under ./ckpt.
@@ -481,7 +481,7 @@ def loop(args, lock):
                  "--lr-schedule", per_round(args.lr_schedule or family.lr_schedule, k_train),
                  "--seed", args.seed, "--train-layers", per_round(args.train_layers, k_train),
                  "--sft-on", per_round(args.sft_on or [family.sft_on], k_train), *(["--sft-branches"] if branches else []),
-                 "--interpolate", per_round(args.interpolate or family.interpolate, k_train),
+                 "--interpolate", per_round(args.interpolate or [1.0], k_train),
                  *([] if toy else ["--save-every", 100])]  # real runs: a rerun of the loop resumes inside ReDPO
         made_otherwise(student, train, "trained")
         if not os.path.exists(student):

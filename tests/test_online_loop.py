@@ -170,9 +170,11 @@ def test_negative_budget_flags_are_refused(tmp_path):
         args = online_loop.get_parser().parse_args([flag, "-1", "--work-dir", str(tmp_path / "w")])
         with pytest.raises(models.UserError, match=f"{flag} must be >= 0"):
             online_loop.main(args)
-    args = online_loop.get_parser().parse_args(["--lr", "1e-4", "0", "--work-dir", str(tmp_path / "w")])
-    with pytest.raises(models.UserError, match="--lr must be > 0"):
-        online_loop.main(args)
+    for bad, match in ((["--lr", "1e-4", "0"], r"--lr must be > 0 \(got 0.0001 0\)"),
+                       (["--interpolate", "0.5", "0"], r"--interpolate must be in \(0, 1\] \(got 0.5 0\)"),
+                       (["--final-ratio", "1.5"], r"--final-ratio must be in \(0, 1\) \(got 1.5\)")):
+        with pytest.raises(models.UserError, match=match):
+            online_loop.main(online_loop.get_parser().parse_args([*bad, "--work-dir", str(tmp_path / "w")]))
     args = online_loop.get_parser().parse_args(["--sft-branches", "--sft-cfg", "0", "--work-dir", str(tmp_path / "w")])
     with pytest.raises(models.UserError, match=r"--sft-branches needs guided SFT \(--sft-cfg > 0\)"):
         online_loop.main(args)
