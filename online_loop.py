@@ -339,22 +339,20 @@ def loop(args, lock):
     rounds = 1 if args.no_online else rounds_online
     final = args.final_ratio or family.final_ratio
     toy = args.model == "toy"
-    for flag in ("max_pair_prompts", "samples_per_prompt", "train_steps", "eval_samples"):
-        values = getattr(args, flag) if isinstance(getattr(args, flag), list) else [getattr(args, flag)]
-        if min(values, default=0) < 0:
-            raise models.UserError(f"--{flag.replace('_', '-')} must be >= 0 (0 = the default), got {' '.join(map(str, values))}")
+    checks = [(f"--{f.replace('_', '-')}", v if isinstance(v, list) else [v], lambda x: x >= 0, ">= 0 (0 = the default)")
+              for f in ("max_pair_prompts", "samples_per_prompt", "train_steps", "eval_samples") for v in [getattr(args, f)]]
+    checks += [("--final-ratio", [final], lambda v: 0 < v < 1, "in (0, 1)"), ("--lr", args.lr, lambda v: v > 0, "> 0"),
+               ("--interpolate", args.interpolate, lambda v: 0 < v <= 1, "in (0, 1]"),
+               ("--guard", [] if args.guard is None else [args.guard], lambda v: v >= 0, ">= 0")]  # NaN fails each
+    for flag, values, ok, rule in checks:  # before any work
+        if not all(map(ok, values)):
+            raise models.UserError(f"{flag} must be {rule} (got {' '.join(f'{v:g}' for v in values)})")
     per_prompt = args.samples_per_prompt or family.pairs_per_prompt
     keep_convs = family.keep_temporal_convs if args.keep_temporal_convs < 0 else args.keep_temporal_convs
     sft_cfg = family.sft_cfg if args.sft_cfg < 0 else args.sft_cfg
     branches = (family.sft_branches and sft_cfg > 0) if args.sft_branches is None else args.sft_branches
     if branches and not sft_cfg:
         raise models.UserError("--sft-branches needs guided SFT (--sft-cfg > 0)")
-    checks = (("--final-ratio", [final], lambda v: 0 < v < 1, "in (0, 1)"), ("--lr", args.lr, lambda v: v > 0, "> 0"),
-              ("--interpolate", args.interpolate, lambda v: 0 < v <= 1, "in (0, 1]"),
-              ("--guard", [] if args.guard is None else [args.guard], lambda v: v >= 0, ">= 0"))  # NaN fails each
-    for flag, values, ok, rule in checks:
-        if not all(map(ok, values)):
-            raise models.UserError(f"{flag} must be {rule} (got {' '.join(f'{v:g}' for v in values)})")
     eval_samples = args.eval_samples or family.eval_samples
     # Defaults: the toy's shipped teacher, prompts and judge; for vc2 / animatediff the paper's reward
     # (VideoScore), tools/make_prompts.py's files and the conventional folders under ./ckpt.
