@@ -412,6 +412,7 @@ class Family:
     latent_factor: int = 8    # pixels per latent pixel of the family's VAE
     train_steps: tuple = (30,)  # the loop's ReDPO steps, one per round (the last for later rounds and one-shot)
     lr_schedule: tuple = ("constant",)  # the loop's ReDPO rate after the warmup (redpo.py --lr-schedule), per round
+    budgets: tuple = ()       # the loop's fraction kept after each round (empty: a linear schedule to final_ratio)
     pairs_per_prompt: int = 1  # the loop's pairs a curated prompt, each from its own seed
     eval_samples: int = 1     # the loop's eval videos a prompt
     sft_cfg: float = 0.0      # the loop's ReDPO SFT on the CFG-guided prediction at this scale (0 = conditional)
@@ -435,7 +436,7 @@ FAMILIES = {
     # toy: all 48 pool prompts x 2 seeds (~80 pairs kept), 60 steps of 4 pairs in round 1 (about 3 epochs) and 180
     # at the final size (about 8; 60 left it under-trained): chosen on the validation prompts (toy/RESULTS.md);
     # 4 eval videos a prompt for stable means
-    "toy": Family("toy", 32, 32, 8, 10, 6.0, 0.0, 8, 1e-4, 500.0, 2, 0.6, latent_factor=4,
+    "toy": Family("toy", 32, 32, 8, 10, 6.0, 0.0, 8, 1e-4, 500.0, 2, 0.6, latent_factor=4, budgets=(0.7, 0.6),
                   train_steps=(60, 180), pairs_per_prompt=2, eval_samples=4, sft_cfg=6.0, sft_branches=True, sft_on="both",
                   keep_temporal_convs=1, keep_by="alone",
                   default_teacher=os.path.join(HERE, "toy", "teacher")),
@@ -446,6 +447,18 @@ def get_family(name):
     if name not in FAMILIES:
         raise UserError(f"unknown model family '{name}' (choose from {', '.join(FAMILIES)})")
     return FAMILIES[name]
+
+
+def round_budgets(family, budgets=(), rounds=0, final_ratio=0.0, schedule=""):
+    """The fraction of the prunable parameters kept after each online round: `budgets` as given; else the family's
+    own (the toy's 0.7, 0.6: toy/RESULTS.md row 55) unless rounds, final_ratio or schedule is given; else the
+    schedule's to final_ratio (linear, the default: equal cuts; geometric: an equal fraction kept each round)."""
+    if budgets or not (rounds or final_ratio or schedule) and family.budgets:
+        return list(budgets or family.budgets)
+    rounds, final_ratio = rounds or family.rounds, final_ratio or family.final_ratio
+    if schedule == "geometric":
+        return [final_ratio ** (k / rounds) for k in range(1, rounds + 1)]
+    return [1 - (1 - final_ratio) * k / rounds for k in range(1, rounds + 1)]
 
 
 def build_meta_unet(family, config_dir=None):

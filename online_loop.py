@@ -74,8 +74,10 @@ def get_parser():
     p.add_argument("--rounds", type=int, default=0, help="online rounds K (0 = the paper's: vc2 2, animatediff 3)")
     p.add_argument("--final-ratio", type=float, default=0.0,
                    help="prunable parameters kept after the last round (0 = the paper's: vc2 0.638, animatediff 0.325)")
-    p.add_argument("--schedule", default="linear", choices=["linear", "geometric"],
-                   help="per-round budget: equal parameter cuts, or an equal fraction kept each round")
+    p.add_argument("--schedule", default="", choices=["linear", "geometric"], help="per-round budget to --final-ratio: "
+                   "equal parameter cuts (the default), or an equal fraction kept each round")
+    p.add_argument("--budgets", type=float, nargs="+", default=[], metavar="R", help="the fraction kept after each round, "
+                   "decreasing, in place of --rounds, --final-ratio, --schedule (default: toy 0.7 0.6 unless one of those is given)")
     p.add_argument("--no-online", action="store_true", help="ablation: prune once to the final size, train once (as the last round)")
     p.add_argument("--loss", nargs="+", default=["redpo"], choices=["redpo", "dpo", "sft"],
                    help="training loss (sft and dpo: ablations), one for every round or one per round, as --lr")
@@ -134,13 +136,6 @@ def get_parser():
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     return p
-
-
-def budgets(rounds, final_ratio, schedule):
-    """Prunable fraction kept after each round, reaching final_ratio after the last one."""
-    if schedule == "geometric":
-        return [final_ratio ** (k / rounds) for k in range(1, rounds + 1)]
-    return [1 - (1 - final_ratio) * k / rounds for k in range(1, rounds + 1)]
 
 
 # ----------------------------------------------------------------------------- running steps
@@ -335,14 +330,16 @@ def per_round(values, k):
 
 def loop(args, lock):
     family = models.get_family(args.model)
-    rounds_online = args.rounds or family.rounds
+    budgets = models.round_budgets(family, args.budgets, args.rounds, args.final_ratio, args.schedule)
+    rounds_online, final = len(budgets), (budgets or [0])[-1]
     rounds = 1 if args.no_online else rounds_online
-    final = args.final_ratio or family.final_ratio
     toy = args.model == "toy"
     checks = [(f"--{f.replace('_', '-')}", v if isinstance(v, list) else [v], lambda x: x >= 0, ">= 0 (0 = the default)")
-              for f in ("max_pair_prompts", "samples_per_prompt", "train_steps", "eval_samples") for v in [getattr(args, f)]]
+              for f in ("rounds", "max_pair_prompts", "samples_per_prompt", "train_steps", "eval_samples") for v in [getattr(args, f)]]
     checks += [("--final-ratio", [final], lambda v: 0 < v < 1, "in (0, 1)"), ("--lr", args.lr, lambda v: v > 0, "> 0"),
-               ("--interpolate", args.interpolate, lambda v: 0 < v <= 1, "in (0, 1]"),
+               ("--interpolate", args.interpolate, lambda v: 0 < v <= 1, "in (0, 1]"), ("--budgets", args.budgets, lambda v: 0 < v < 1
+                and budgets == sorted(set(budgets), reverse=True) and not (args.rounds or args.final_ratio or args.schedule),
+                "decreasing, in (0, 1), without --rounds, --final-ratio, --schedule"),
                ("--guard", [] if args.guard is None else [args.guard], lambda v: v >= 0, ">= 0")]  # NaN fails each
     for flag, values, ok, rule in checks:  # before any work
         if not all(map(ok, values)):
@@ -431,7 +428,7 @@ def loop(args, lock):
              "--samples", eval_samples, "--seed", args.seed], os.path.join(r0, "logs", "evaluate.log"), nproc=args.nproc)
 
     names, previous = [], ""
-    ratios = [final] if args.no_online else budgets(rounds, final, args.schedule)
+    ratios = [final] if args.no_online else budgets
     for k, ratio in enumerate(ratios, 1):
         name = "oneshot" if args.no_online else f"round-{k}"
         names.append(name)

@@ -129,10 +129,16 @@ def test_isolate_runs_a_step_as_its_own_process_and_logs_it(tmp_path, capsys):
 
 
 def test_budgets_reach_the_final_ratio():
+    toy, ad = models.get_family("toy"), models.get_family("animatediff")
     for schedule in ("linear", "geometric"):
-        b = online_loop.budgets(3, 0.325, schedule)
+        b = models.round_budgets(ad, (), 3, 0.325, schedule)
         assert len(b) == 3 and b[-1] == pytest.approx(0.325) and b[0] > b[1] > b[2]
-    assert online_loop.budgets(2, 0.6, "linear") == pytest.approx([0.8, 0.6])
+    cut = 1 - ad.final_ratio
+    assert models.round_budgets(ad) == pytest.approx([1 - cut / 3, 1 - cut * 2 / 3, ad.final_ratio])  # the paper's 3, linear
+    assert models.round_budgets(toy) == [0.7, 0.6]  # the toy's own (toy/RESULTS.md row 55)
+    assert models.round_budgets(toy, schedule="linear") == pytest.approx([0.8, 0.6])  # the schedule as before it
+    assert models.round_budgets(toy, rounds=3) == pytest.approx([1 - 0.4 / 3, 1 - 0.8 / 3, 0.6])
+    assert models.round_budgets(toy, (0.9, 0.5, 0.4)) == [0.9, 0.5, 0.4] == models.round_budgets(ad, [0.9, 0.5, 0.4])
 
 
 def test_learning_rate_per_round():
@@ -172,7 +178,13 @@ def test_negative_budget_flags_are_refused(tmp_path):
             online_loop.main(args)
     for bad, match in ((["--lr", "1e-4", "0"], r"--lr must be > 0 \(got 0.0001 0\)"),
                        (["--interpolate", "0.5", "0"], r"--interpolate must be in \(0, 1\] \(got 0.5 0\)"),
-                       (["--final-ratio", "1.5"], r"--final-ratio must be in \(0, 1\) \(got 1.5\)")):
+                       (["--final-ratio", "1.5"], r"--final-ratio must be in \(0, 1\) \(got 1.5\)"),
+                       (["--rounds", "-1"], r"--rounds must be >= 0 \(0 = the default\) \(got -1\)"),
+                       (["--budgets", "0.6", "0.7"], r"--budgets must be decreasing, in \(0, 1\), without --rounds, "
+                                                     r"--final-ratio, --schedule \(got 0.6 0.7\)"),
+                       (["--budgets", "0.7", "0.7"], r"--budgets must be decreasing.* \(got 0.7 0.7\)"),
+                       (["--budgets", "1", "0.6"], r"--budgets must be decreasing.* \(got 1 0.6\)"),
+                       (["--budgets", "0.7", "0.6", "--schedule", "linear"], r"--budgets must be .*without --rounds.* \(got 0.7 0.6\)")):
         with pytest.raises(models.UserError, match=match):
             online_loop.main(online_loop.get_parser().parse_args([*bad, "--work-dir", str(tmp_path / "w")]))
     args = online_loop.get_parser().parse_args(["--sft-branches", "--sft-cfg", "0", "--work-dir", str(tmp_path / "w")])
@@ -202,6 +214,7 @@ def test_the_embedded_toy_loop_with_reduced_settings(tmp_path, monkeypatch, caps
     rows = models.read_json(str(tmp_path / "work" / "results.json"))["rows"]
     assert [r["model"] for r in rows] == ["teacher", "pruned", "student", "pruned", "student"]
     assert rows[-1]["params"] <= models.get_family("toy").final_ratio * rows[0]["params"]
+    assert 0.6 * rows[0]["params"] < rows[1]["params"] <= 0.7 * rows[0]["params"]  # round 1: the toy's budgets (0.7, 0.6)
     assert all(0 <= r[d] <= 1 for r in rows for d in models.DIMS)
     assert rows[2]["pairs_made"] == 8  # the toy's default: 2 pairs a curated prompt, each from its own seed
     trained = json.loads(models.read_student_meta(str(tmp_path / "work" / "round-1" / "student.safetensors"))["args"])

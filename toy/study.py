@@ -1,11 +1,12 @@
 """The toy study: V.I.P. against its ablations on the embedded toy world, paired over seeds.
 
 Per seed, the pruning masks are computed ONCE and shared by every arm: reward-drop importance is
-measured on the teacher (prune.py, probe prompts x 2 seed sets), round 1 keeps 80 % and round 2 60 %
+measured on the teacher (prune.py, probe prompts x 2 seed sets), round 1 keeps 70 % and round 2 60 %
 of the parameters, both chosen from that one importance table (nested masks), and the one-shot arms
 prune straight to round 2's mask. So every arm ends with the same architecture, and the arms differ
 only in the loss and in online vs one-shot. Equal optimizer steps at the final size: one-shot trains the last
-round's --train-steps at 60 %; online trains round 1's at 80 % and round 2's at 60 % (the toy's: 60, then 180).
+round's --train-steps at 60 %; online trains round 1's at 70 % and round 2's at 60 % (the toy's: 60, then 180).
+(--ratios: the loop's budgets, the toy's 0.7 0.6 since 2026-12-04; toy/STUDY.md was run with --ratios 0.8 0.6.)
 
 Arms (each one `online_loop.py` run with `--masks-from`, evaluated on the held-out eval prompts):
   untrained pruned        the teacher with the final mask, no training (the common start)
@@ -92,7 +93,8 @@ def get_parser():
                         "differences that need them are left out too)")
     p.add_argument("--out", default="", help="the tables (markdown; default toy/STUDY.md, with --loops toy/LOOPS.md)")
     p.add_argument("--loop-args", default="", help="extra online_loop.py flags for every arm, one quoted string")
-    p.add_argument("--ratios", type=float, nargs=2, default=[0.8, 0.6], help="kept after round 1 and round 2")
+    p.add_argument("--ratios", type=float, nargs=2, default=list(models.get_family("toy").budgets),
+                   help="kept after round 1 and round 2 (default: the loop's, 0.7 0.6)")
     p.add_argument("--eval-samples", type=int, default=4, help="videos per eval prompt")
     p.add_argument("--eval-starts", action="store_true",
                    help="also evaluate each online arm's round-2 start (its trained round-1 student, pruned further)")
