@@ -453,7 +453,7 @@ def round_budgets(family, budgets=(), rounds=0, final_ratio=0.0, schedule=""):
     """The fraction of the prunable parameters kept after each online round: `budgets` as given; else the family's
     own (the toy's 0.7, 0.6: toy/RESULTS.md row 55) unless rounds, final_ratio or schedule is given; else the
     schedule's to final_ratio (linear, the default: equal cuts; geometric: an equal fraction kept each round)."""
-    if budgets or not (rounds or final_ratio or schedule) and family.budgets:
+    if budgets or (family.budgets and not (rounds or final_ratio or schedule)):
         return list(budgets or family.budgets)
     rounds, final_ratio = rounds or family.rounds, final_ratio or family.final_ratio
     if schedule == "geometric":

@@ -336,10 +336,11 @@ def loop(args, lock):
     toy = args.model == "toy"
     checks = [(f"--{f.replace('_', '-')}", v if isinstance(v, list) else [v], lambda x: x >= 0, ">= 0 (0 = the default)")
               for f in ("rounds", "max_pair_prompts", "samples_per_prompt", "train_steps", "eval_samples") for v in [getattr(args, f)]]
-    checks += [("--final-ratio", [final], lambda v: 0 < v < 1, "in (0, 1)"), ("--lr", args.lr, lambda v: v > 0, "> 0"),
-               ("--interpolate", args.interpolate, lambda v: 0 < v <= 1, "in (0, 1]"), ("--budgets", args.budgets, lambda v: 0 < v < 1
-                and budgets == sorted(set(budgets), reverse=True) and not (args.rounds or args.final_ratio or args.schedule),
-                "decreasing, in (0, 1), without --rounds, --final-ratio, --schedule"),
+    alone = budgets == sorted(set(budgets), reverse=True) and not (args.rounds or args.final_ratio or args.schedule)
+    checks += [("--budgets", args.budgets, lambda v: alone and 0 < v < 1, "decreasing, in (0, 1), without --rounds, "
+                "--final-ratio, --schedule"),  # before --final-ratio: with --budgets the final ratio is their last
+               ("--final-ratio", [final], lambda v: 0 < v < 1, "in (0, 1)"), ("--lr", args.lr, lambda v: v > 0, "> 0"),
+               ("--interpolate", args.interpolate, lambda v: 0 < v <= 1, "in (0, 1]"),
                ("--guard", [] if args.guard is None else [args.guard], lambda v: v >= 0, ">= 0")]  # NaN fails each
     for flag, values, ok, rule in checks:  # before any work
         if not all(map(ok, values)):

@@ -184,6 +184,7 @@ def test_negative_budget_flags_are_refused(tmp_path):
                                                      r"--final-ratio, --schedule \(got 0.6 0.7\)"),
                        (["--budgets", "0.7", "0.7"], r"--budgets must be decreasing.* \(got 0.7 0.7\)"),
                        (["--budgets", "1", "0.6"], r"--budgets must be decreasing.* \(got 1 0.6\)"),
+                       (["--budgets", "1.5", "1.2"], r"--budgets must be decreasing.* \(got 1.5 1.2\)"),  # not --final-ratio
                        (["--budgets", "0.7", "0.6", "--schedule", "linear"], r"--budgets must be .*without --rounds.* \(got 0.7 0.6\)")):
         with pytest.raises(models.UserError, match=match):
             online_loop.main(online_loop.get_parser().parse_args([*bad, "--work-dir", str(tmp_path / "w")]))
