@@ -253,6 +253,8 @@ def check_work_dir(args, path):
             v = d.get(k, parser.get_default(k))  # before the flag went per round; all 0 = the default
             v = v if isinstance(v, list) else [v]
             d[k] = v if any(v) else []
+        for d in ([] if models.get_family(args.model).budgets else (made, now)):  # a family without budgets:
+            d["schedule"] = d.get("schedule") or "linear"  # "" is linear, which records made before 2026-12-04 name
         diff = models.first_change(made, now, parser)
         if diff:
             raise models.UserError(f"{path}: this work dir was made with --{diff[0].replace('_', '-')}={diff[1]!r}, "

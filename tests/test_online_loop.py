@@ -166,6 +166,23 @@ def test_a_work_dir_recorded_before_a_flag_existed_resumes_with_its_default(tmp_
         online_loop.check_work_dir(online_loop.get_parser().parse_args(["--seed", "1"]), str(record))
 
 
+def test_a_work_dir_recorded_with_schedule_linear_resumes_where_that_is_the_default(tmp_path):
+    """Before the toy had budgets of its own, the default --schedule was recorded as "linear": for a family without
+    budgets that is today's "" and resumes; for the toy it was another round 1 and is refused."""
+    record = tmp_path / "loop.args.json"
+    for model, ok in (("animatediff", True), ("vc2", True), ("toy", False)):
+        args = online_loop.get_parser().parse_args(["--model", model])
+        models.write_json(str(record), {**vars(args), "schedule": "linear"})
+        if ok:
+            online_loop.check_work_dir(args, str(record))
+            with pytest.raises(models.UserError, match=r"made with --schedule='linear', not 'geometric'"):
+                online_loop.check_work_dir(online_loop.get_parser().parse_args(["--model", model, "--schedule",
+                                                                                 "geometric"]), str(record))
+        else:
+            with pytest.raises(models.UserError, match=r"made with --schedule='linear', not ''"):
+                online_loop.check_work_dir(args, str(record))
+
+
 def test_missing_prompt_file_is_a_one_line_error(tmp_path):  # real families' folders: test_real_defaults.py
     proc = run("online_loop.py", "--prompt-pool", tmp_path / "none.txt", "--work-dir", tmp_path / "w", check=False)
     assert proc.returncode == 2 and "none.txt: no such file" in proc.stderr and not (tmp_path / "w").exists()
