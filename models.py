@@ -607,6 +607,36 @@ def autocast(device, enabled, unet=None):
     return torch.autocast(str(device).split(":")[0], dtype=torch.bfloat16, enabled=enabled)
 
 
+SPEED_OPTIONS = ("cudnn-benchmark", "channels-last", "compile", "compile-blocks")
+
+
+def for_speed(unet, options):
+    """`unet` set up for speed with `options` (a subset of SPEED_OPTIONS), in place where it can be:
+    cudnn-benchmark  cuDNN times its convolution algorithms once per shape (a global switch);
+    channels-last    Conv2d weights in NHWC, so bf16 convolutions need no layout transposes around them;
+    compile          torch.compile of the whole UNet (returns the compiled module);
+    compile-blocks   torch.compile of each down, mid and up block on its own (regional: the blocks of a kind
+                     share their compiled code, so it compiles in a fraction of the whole UNet's time).
+    benchmarks/bench_redpo.py --variants measures each (benchmarks/RESULTS.md)."""
+    unknown = set(options) - set(SPEED_OPTIONS)
+    if unknown:
+        raise UserError(f"unknown speed option(s) {sorted(unknown)}: choose from {', '.join(SPEED_OPTIONS)}")
+    if "cudnn-benchmark" in options:
+        torch.backends.cudnn.benchmark = True
+    if "channels-last" in options:  # the 2-D convolutions (a Conv3d's 5-D weights have no channels-last form)
+        for m in unet.modules():
+            if isinstance(m, nn.Conv2d):
+                m.to(memory_format=torch.channels_last)
+    if "compile-blocks" in options:  # static shapes: a block kind compiles once per resolution and model dtype
+        from torch._dynamo import config
+
+        name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+        setattr(config, name, max(64, getattr(config, name)))
+        for block in [*unet.down_blocks, unet.mid_block, *unet.up_blocks]:
+            block.compile(dynamic=False)
+    return torch.compile(unet) if "compile" in options else unet
+
+
 @contextlib.contextmanager
 def loading(path):
     """diffusers and transformers fail on a damaged model folder with many kinds of errors (an OSError

@@ -33,6 +33,7 @@ import gc
 import math
 import os
 import platform
+import re
 import sys
 import time
 
@@ -58,6 +59,7 @@ TINY_UNET2D = dict(block_out_channels=(8, 8), norm_num_groups=2, cross_attention
                    up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"))
 TINY_ADAPTER = dict(block_out_channels=(8, 8), motion_layers_per_block=1, motion_norm_num_groups=2,
                     motion_num_attention_heads=4)
+GROUPS = ("train", "train+gc", "sample", "agreement")
 TINY_VAE = dict(block_out_channels=(8, 8), down_block_types=["DownEncoderBlock2D"] * 2,
                 up_block_types=["UpDecoderBlock2D"] * 2, latent_channels=4, norm_num_groups=2)
 
@@ -82,6 +84,14 @@ def get_parser():
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the UNets of the 'ours' train and sample rows (as redpo.py --compile; the "
                         "train+gc rows and the baselines stay eager; compile time is in the warm-up, not the timing)")
+    p.add_argument("--groups", nargs="+", default=list(GROUPS), choices=list(GROUPS), metavar="GROUP",
+                   help=f"what to run: {', '.join(GROUPS)} (default: all; 'sample' includes the decode row)")
+    p.add_argument("--variants", nargs="*", default=[], metavar="OPT[+OPT...]",
+                   help="extra 'ours' train rows, each with models.for_speed options joined by '+' (from "
+                        f"{', '.join(models.SPEED_OPTIONS)}), e.g. cudnn-benchmark+channels-last")
+    p.add_argument("--profile", action="store_true",
+                   help="after timing each 'ours' train row, profile 2 more steps and print where the time goes "
+                        "(kernel time by kind, the top kernels, and on CUDA the share of the step the GPU is busy)")
     return p
 
 
@@ -308,15 +318,21 @@ def header(args, device, head_dims):
 
 # ----------------------------------------------------------------------------- rows
 def train_row(row, family, base, args, rargs, batch, frozen, device, loss_fn):
-    """Time the row's training step (loss, backward, clipping, AdamW) from a fresh student == teacher."""
+    """Time the row's training step (loss, backward, clipping, AdamW) from a fresh student == teacher; with
+    row["options"] (models.for_speed) the student, a copy of the teacher and the reference are set up for speed."""
     student, params, teacher, reference = step_models(family, base, args, rargs, frozen)
     if row["group"] == "train+gc":
         redpo.checkpoint_blocks(student)
     ours = row["row"].startswith("ours")  # ours: fused AdamW on CUDA, the loss as redpo.main runs it; baseline: defaults
     kind = "ours" if ours else "baseline"
-    if ours and args.compile and row["group"] == "train":  # as redpo.main --compile
-        student, teacher = torch.compile(student), torch.compile(teacher)
-        reference = torch.compile(reference) if reference is not None else None
+    options = set(row.get("options", ()))
+    if ours and args.compile and row["group"] == "train" and not options:  # as redpo.main --compile
+        options = {"compile"}
+    cudnn_benchmark = torch.backends.cudnn.benchmark
+    if options:
+        teacher = copy.deepcopy(teacher) if options & {"channels-last", "compile", "compile-blocks"} else teacher
+        student, teacher = models.for_speed(student, options), models.for_speed(teacher, options)
+        reference = models.for_speed(reference, options) if reference is not None else None
     opt = torch.optim.AdamW(params, lr=rargs.lr or family.lr, weight_decay=rargs.weight_decay,
                             fused=True if ours and device.startswith("cuda") else None)
     loss_fn, scheduler, losses = loss_fn if ours else redpo.redpo_loss, ddim(family), []
@@ -329,18 +345,59 @@ def train_row(row, family, base, args, rargs, batch, frozen, device, loss_fn):
         opt.step()
         opt.zero_grad(set_to_none=True)
         losses.append(loss.detach())
-    row["times"] = timed(step, args.warmup, args.repeats, device)
+    try:
+        row["times"] = timed(step, args.warmup, args.repeats, device)
+        if ours and args.profile:
+            row["profile"] = profile_steps(step, 2, device)
+    finally:
+        torch.backends.cudnn.benchmark = cudnn_benchmark  # for_speed's switch is global: the next row starts clean
     row["step1_loss"] = losses[0].item()
 
 
-def sample_rows(rows, family, base, vae, args, cond, uncond, shape, size, steps, frozen, device):
-    """Time models.sample, the diffusers pipeline (latents out) and models.decode (the rows, in that order);
-    return the 2-step eta-0 agreement of ours (no x0 rescaling) with the pipeline from the same noise, both
-    run on a float32 copy of the UNet (in bf16 the two differ by rounding: the pipeline keeps its latents and
-    its DDIM update in bf16, ours in float32)."""
+KERNEL_KINDS = [("attention", r"flash|fmha|attention|sdpa|softmax"), ("layout transposes", r"nchwtonhwc|nhwctonchw"),
+                ("convolution", r"conv|fprop|dgrad|wgrad|cudnn"),
+                ("matmul", r"gemm|cutlass|nvjet|xmma|::mm$|addmm|bmm|matmul|linear"), ("normalization", r"norm"),
+                ("optimizer", r"adam|multi_tensor"), ("compiled (triton)", r"triton")]
+
+
+def kernel_kind(name):
+    """The kind of a CUDA kernel or a CPU op, by its name (the first of KERNEL_KINDS that matches, else other)."""
+    return next((k for k, pattern in KERNEL_KINDS if re.search(pattern, name.lower())), "elementwise & other")
+
+
+def profile_steps(step, n, device):
+    """Profile n calls of step(): {"kernel_s": kernel (CUDA) or op (CPU, self) seconds a step, "by_kind":
+    {kind: seconds a step}, "top": [[name, seconds a step, calls a step], ...] (the 8 largest)}."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.startswith("cuda")
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        for _ in range(n):
+            step()
+        if cuda:
+            torch.cuda.synchronize(device)
+    by_name = {}
+    for e in prof.events():
+        if e.device_type != (DeviceType.CUDA if cuda else DeviceType.CPU):
+            continue
+        seconds = (e.time_range.elapsed_us() if cuda else e.self_cpu_time_total) / 1e6 / n
+        total, calls = by_name.get(e.name, (0.0, 0))
+        by_name[e.name] = (total + seconds, calls + 1 / n)
+    by_kind = {}
+    for name, (seconds, _) in by_name.items():
+        by_kind[kernel_kind(name)] = by_kind.get(kernel_kind(name), 0.0) + seconds
+    top = sorted(by_name.items(), key=lambda kv: -kv[1][0])[:8]
+    return {"kernel_s": sum(by_kind.values()), "by_kind": dict(sorted(by_kind.items(), key=lambda kv: -kv[1])),
+            "top": [[name, seconds, calls] for name, (seconds, calls) in top]}
+
+
+def samplers(family, base, vae, args, cond, uncond, shape, size, frozen):
+    """(pipeline(unet), ours(unet, steps, eta, x0_rescale), theirs(pipe, steps, eta, latents)): our DDIM loop
+    and diffusers' pipeline on the same prompt embeddings, scheduler settings and seed (latents out)."""
     from diffusers import AnimateDiffPipeline, DDIMScheduler, TextToVideoSDPipeline
 
-    unet, scheduler = sampled_model(args, base), ddim(family)
+    scheduler = ddim(family)
     frames, height, width = size
 
     def pipeline(unet):
@@ -361,6 +418,13 @@ def sample_rows(rows, family, base, vae, args, cond, uncond, shape, size, steps,
         return pipe(prompt_embeds=cond, negative_prompt_embeds=uncond, num_frames=frames, height=height, width=width,
                     num_inference_steps=steps, guidance_scale=family.cfg, eta=eta, latents=latents,
                     generator=torch.Generator().manual_seed(args.seed), output_type="latent").frames
+    return pipeline, ours, theirs
+
+
+def sample_rows(rows, family, base, vae, args, steps, device, sampler):
+    """Time models.sample, the diffusers pipeline (latents out) and models.decode (the rows, in that order)."""
+    pipeline, ours, theirs = sampler
+    unet = sampled_model(args, base)
     ours_unet, pipe = torch.compile(unet) if args.compile else unet, pipeline(unet)  # built once, outside the timing
     for row, fn in zip(rows, (lambda: ours(ours_unet, steps, family.eta), lambda: theirs(pipe, steps, family.eta))):
         with fresh_memory(device, row):
@@ -368,10 +432,35 @@ def sample_rows(rows, family, base, vae, args, cond, uncond, shape, size, steps,
     latents = ours(unet, steps, family.eta)  # (1, C, F, h, w)
     with fresh_memory(device, rows[2]):
         rows[2]["times"] = timed(lambda: models.decode(vae, latents), args.warmup, args.repeats, device)
+
+
+@contextlib.contextmanager
+def strict_fp32():
+    """float32 matmuls and convolutions without TF32 (cuDNN allows TF32 by default); a no-op on the CPU."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+def agreement(args, base, frozen, shape, device, sampler):
+    """The 2-step eta-0 agreement of ours (no x0 rescaling) with the pipeline from the same noise, both on a
+    float32 copy of the UNet (in bf16 the two differ by rounding: the pipeline keeps its latents and its DDIM
+    update in bf16, ours in float32): with torch's default TF32 settings, and in strict float32."""
+    pipeline, ours, theirs = sampler
+    unet = sampled_model(args, base)
     unet32 = unet if frozen == torch.float32 else copy.deepcopy(unet).float()
-    a = ours(unet32, 2, 0.0, x0_rescale=False)
-    b = theirs(pipeline(unet32), 2, 0.0, latents=models.seeded_noise([args.seed], shape).to(device)).float()
-    return {"agreement_max_abs_diff": (a - b).abs().max().item(), "agreement_max_abs_latent": a.abs().max().item()}
+    pipe, noise = pipeline(unet32), models.seeded_noise([args.seed], shape).to(device)
+    out = {}
+    for key, context in (("", contextlib.nullcontext), ("_strict_fp32", strict_fp32)):
+        with context():
+            a = ours(unet32, 2, 0.0, x0_rescale=False)
+            b = theirs(pipe, 2, 0.0, latents=noise).float()
+        out[f"agreement_max_abs_diff{key}"] = (a - b).abs().max().item()
+    out["agreement_max_abs_latent"] = a.abs().max().item()
+    return out
 
 
 def summarise(rows, peak_tflops):
@@ -393,6 +482,10 @@ COLUMNS = [("group", "group", "s"), ("row", "row", "s"), ("precision", "precisio
            ("MFU", "mfu", ".1%"), ("speed-up", "speedup", ".2f")]
 
 
+def device_is_cuda(info):
+    return not info["device"].startswith("CPU")
+
+
 def report(args, info, rows, checks):
     lines = [f"- device: {info['device']}; torch {info['torch']}, diffusers {info['diffusers']}",
              f"- attention (SDPA): {info['sdpa']}; FLOPs counted on the meta device in the math form",
@@ -403,11 +496,11 @@ def report(args, info, rows, checks):
              f"- --model {args.model}{' --tiny' if args.tiny else ''} --reference {args.reference}"
              f"{' --remove ' + args.remove if args.remove else ''}{' --compile' if args.compile else ''} "
              f"--warmup {args.warmup} --repeats {args.repeats}; "
-             f"{rows[4]['steps']} DDIM steps a video; per s: pairs (train) or videos; speed-up: the group's baseline "
-             "median / the row's", "",
+             f"{info['ddim_steps']} DDIM steps a video; per s: pairs (train) or videos; speed-up: the group's baseline "
+"median / the row's", "",
              "| " + " | ".join(c[0] for c in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     for r in rows:
-        r = {**r, "row": r["row"] + (" (out of memory)" if r.get("oom") else "")}
+        r = {**r, "row": r["row"] + (" (out of memory)" if r.get("oom") else " (failed)" if r.get("error") else "")}
         lines.append("| " + " | ".join("-" if r.get(k) is None else format(r[k], f) for _, k, f in COLUMNS) + " |")
     lines.append("")
     for group in ("train", "train+gc"):
@@ -415,12 +508,27 @@ def report(args, info, rows, checks):
             c = checks[group]
             lines.append(f"- {group} step-1 loss: ours {c['ours']:.6f}, baseline {c['baseline']:.6f} (log 2 = "
                          f"{math.log(2):.6f}), |ours - baseline| = {c['abs_diff']:.3g}")
+    for r in rows:
+        if r.get("options") and "step1_loss" in r:
+            lines.append(f"- {r['group']} step-1 loss, {r['row']}: {r['step1_loss']:.6f}")
+        if r.get("error"):
+            lines.append(f"- {r['group']} {r['row']} failed: {r['error']}")
     if "agreement_max_abs_diff" in checks:
         why = " (differs by design: AnimateDiff's DDIM steps to t - 1000 // steps)" if args.model == "animatediff" \
             else ""
         lines.append(f"- 2-step eta-0 agreement, float32 UNet, ours (no x0 rescaling) vs the pipeline: max |diff| = "
-                     f"{checks['agreement_max_abs_diff']:.3g} (max |latent| "
+                     f"{checks['agreement_max_abs_diff']:.3g} with torch's default TF32 settings, "
+                     f"{checks['agreement_max_abs_diff_strict_fp32']:.3g} in strict float32 (max |latent| "
                      f"{checks['agreement_max_abs_latent']:.3g}){why}")
+    for r in rows:
+        if "profile" in r:
+            pr, busy = r["profile"], ""
+            if device_is_cuda(info) and r.get("median_s"):
+                busy = f" = {pr['kernel_s'] / r['median_s']:.0%} of the timed step (the rest: the GPU waits)"
+            kinds = ", ".join(f"{k} {v / pr['kernel_s']:.0%}" for k, v in pr["by_kind"].items())
+            top = "; ".join(f"{name[:70]} {sec / pr['kernel_s']:.0%} ({calls:g} calls)" for name, sec, calls in pr["top"])
+            lines.append(f"- profile of {r['group']} {r['row']}: {'kernel' if busy else 'op (self CPU)'} time "
+                         f"{pr['kernel_s']:.4g} s a step{busy}; by kind: {kinds}; top: {top}")
     print("\n".join(lines))
     if args.out:
         models.write_json(args.out, {"args": vars(args), "header": info, "rows": rows, "checks": checks})
@@ -449,36 +557,60 @@ def main(args):
     info = header(args, device, head_dims)
     meta_batch = (x0_w.to("meta"), x0_l.to("meta"), emb.to("meta"), t, eps.to("meta"))  # t stays on the CPU (OnMeta)
     flops = meta_flops(args, family, rargs, meta_unet, meta_vae, meta_batch, steps)
-    info["forward_one_video_tflop"] = flops["forward_one_video"] / 1e12
-    rows = [{"group": group, "row": kind, "unit": "pair", "baseline": kind == "baseline", "flops_by_role": flops[kind],
-             "tflop": flops[kind]["total"] / 1e12, "precision": "fp32 master + bf16 autocast" if bf16 else "fp32"}
-            for group in ("train", "train+gc") for kind in LOSSES]
+    info["forward_one_video_tflop"], info["ddim_steps"] = flops["forward_one_video"] / 1e12, steps
+    variants = [v.split("+") for v in args.variants]
+    for v in variants:
+        if not v or set(v) - set(models.SPEED_OPTIONS):
+            raise models.UserError(f"--variants {'+'.join(v)}: options joined by '+' from {', '.join(models.SPEED_OPTIONS)}")
+    if variants and "train" not in args.groups:
+        raise models.UserError("--variants: they are train rows, so --groups needs train")
+    train = [{"group": group, "row": kind, "unit": "pair", "baseline": kind == "baseline", "flops_by_role": flops[kind],
+              "tflop": flops[kind]["total"] / 1e12, "precision": "fp32 master + bf16 autocast" if bf16 else "fp32"}
+             for group in ("train", "train+gc") for kind in LOSSES]
     if args.compile:
-        rows[0]["row"] = "ours (compiled)"
+        train[0]["row"] = "ours (compiled)"
+    train[2:2] = [{**train[0], "row": "ours + " + "+".join(v), "options": v} for v in variants]
     pipe_name = f"diffusers {'AnimateDiff' if family.name == 'animatediff' else 'TextToVideoSD'}Pipeline"
-    rows += [{"group": "sample", "row": name, "unit": "video", "baseline": name == pipe_name, "steps": steps,
-              "tflop": flops["sample"] / 1e12, "precision": "bf16" if bf16 else "fp32"}
-             for name in ("ours (models.sample" + (", compiled)" if args.compile else ")"), pipe_name)]
-    rows.append({"group": "decode", "row": "VAE decode (models.decode)", "unit": "video", "baseline": False,
-                 "tflop": flops["decode"] / 1e12, "precision": "bf16" if bf16 else "fp32"})
-    checks = {}
+    sample = [{"group": "sample", "row": name, "unit": "video", "baseline": name == pipe_name, "steps": steps,
+               "tflop": flops["sample"] / 1e12, "precision": "bf16" if bf16 else "fp32"}
+              for name in ("ours (models.sample" + (", compiled)" if args.compile else ")"), pipe_name)]
+    sample.append({"group": "decode", "row": "VAE decode (models.decode)", "unit": "video", "baseline": False,
+                   "tflop": flops["decode"] / 1e12, "precision": "bf16" if bf16 else "fp32"})
+    train = [r for r in train if r["group"] in args.groups]
+    rows, checks = train + (sample if "sample" in args.groups else []), {}
     if not args.flops_only:
         torch.manual_seed(args.seed)
         base, vae = (m.to(frozen) for m in build(args, device))
         batch = tuple(v.to(device) for v in (x0_w, x0_l, emb, t, eps))
         loss_fn = torch.compile(redpo.redpo_loss) if device.startswith("cuda") else redpo.redpo_loss  # as redpo.main
-        for row in rows[:4]:
+        for row in train:
             with fresh_memory(device, row):
                 try:
                     train_row(row, family, base, args, rargs, batch, frozen, device, loss_fn)
                 except torch.cuda.OutOfMemoryError:  # reported in the table; the other rows still run
                     row["oom"] = True
+                except Exception as e:  # noqa: BLE001 -- a --variants row that fails is reported; the others run
+                    if not row.get("options"):
+                        raise
+                    row["error"] = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:300]}"
+                    print(f"{row['row']}: {row['error']}", file=sys.stderr, flush=True)
+            if row.get("times"):  # progress, so a run stopped part way leaves its rows on stderr
+                pr = row.get("profile", {})
+                kinds = ", ".join(f"{k} {v:.4g} s" for k, v in pr.get("by_kind", {}).items())
+                print(f"{row['group']} {row['row']}: median {np.median(row['times']):.4g} s"
+                      + (f"; profiled kernel time {pr['kernel_s']:.4g} s ({kinds})" if pr else ""),
+                      file=sys.stderr, flush=True)
         for group in ("train", "train+gc"):
-            losses = [r["step1_loss"] for r in rows if r["group"] == group and "step1_loss" in r]
-            if len(losses) == 2:
-                checks[group] = {"ours": losses[0], "baseline": losses[1], "abs_diff": abs(losses[0] - losses[1])}
-        checks.update(sample_rows(rows[4:], family, base, vae, args, emb.to(device), uncond.to(device), shape, size,
-                                  steps, frozen, device))
+            loss = {r["row"].split(" ")[0]: r["step1_loss"] for r in train
+                    if r["group"] == group and "step1_loss" in r and not r.get("options")}
+            if len(loss) == 2:
+                checks[group] = {"ours": loss["ours"], "baseline": loss["baseline"],
+                                 "abs_diff": abs(loss["ours"] - loss["baseline"])}
+        sampler = samplers(family, base, vae, args, emb.to(device), uncond.to(device), shape, size, frozen)
+        if "sample" in args.groups:
+            sample_rows(sample, family, base, vae, args, steps, device, sampler)
+        if "agreement" in args.groups:
+            checks.update(agreement(args, base, frozen, shape, device, sampler))
         summarise(rows, info["peak_tflops"])
     report(args, info, rows, checks)
 
