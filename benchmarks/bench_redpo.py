@@ -356,7 +356,7 @@ def train_row(row, family, base, args, rargs, batch, frozen, device, loss_fn):
 
 KERNEL_KINDS = [("attention", r"flash|fmha|attention|sdpa|softmax"), ("layout transposes", r"nchwtonhwc|nhwctonchw"),
                 ("convolution", r"conv|fprop|dgrad|wgrad|cudnn"),
-                ("matmul", r"gemm|cutlass|nvjet|xmma|::mm$|addmm|bmm|matmul|linear"), ("normalization", r"norm"),
+                ("matmul", r"gemm|cutlass|nvjet|xmma|::mm$|addmm|bmm|matmul|linear"), ("normalization", r"norm|moments|fusedparams"),
                 ("optimizer", r"adam|multi_tensor"), ("compiled (triton)", r"triton")]
 
 
@@ -410,9 +410,9 @@ def samplers(family, base, vae, args, cond, uncond, shape, size, frozen):
         pipe.set_progress_bar_config(disable=True)
         return pipe
 
-    def ours(unet, steps, eta, x0_rescale=True):
+    def ours(unet, steps, eta, x0_rescale=True, bf16=frozen == torch.bfloat16):
         return models.sample(family, unet, scheduler, cond, uncond, [args.seed], shape, steps, family.cfg, eta,
-                             x0_rescale, bf16=frozen == torch.bfloat16)
+                             x0_rescale, bf16=bf16)
 
     def theirs(pipe, steps, eta, latents=None):
         return pipe(prompt_embeds=cond, negative_prompt_embeds=uncond, num_frames=frames, height=height, width=width,
@@ -456,7 +456,7 @@ def agreement(args, base, frozen, shape, device, sampler):
     out = {}
     for key, context in (("", contextlib.nullcontext), ("_strict_fp32", strict_fp32)):
         with context():
-            a = ours(unet32, 2, 0.0, x0_rescale=False)
+            a = ours(unet32, 2, 0.0, x0_rescale=False, bf16=False)  # no autocast: float32 as the pipeline runs it
             b = theirs(pipe, 2, 0.0, latents=noise).float()
         out[f"agreement_max_abs_diff{key}"] = (a - b).abs().max().item()
     out["agreement_max_abs_latent"] = a.abs().max().item()
@@ -538,6 +538,12 @@ def report(args, info, rows, checks):
 def main(args):
     from diffusers.models.attention_processor import Attention
 
+    variants = [v.split("+") for v in args.variants]
+    for v in variants:
+        if not v or set(v) - set(models.SPEED_OPTIONS):
+            raise models.UserError(f"--variants {'+'.join(v)}: options joined by '+' from {', '.join(models.SPEED_OPTIONS)}")
+    if variants and "train" not in args.groups:
+        raise models.UserError("--variants: they are train rows, so --groups needs train")
     device = models.resolve_device(args.device)
     family = models.get_family(args.model)
     rargs = redpo_args(args)
@@ -558,12 +564,6 @@ def main(args):
     meta_batch = (x0_w.to("meta"), x0_l.to("meta"), emb.to("meta"), t, eps.to("meta"))  # t stays on the CPU (OnMeta)
     flops = meta_flops(args, family, rargs, meta_unet, meta_vae, meta_batch, steps)
     info["forward_one_video_tflop"], info["ddim_steps"] = flops["forward_one_video"] / 1e12, steps
-    variants = [v.split("+") for v in args.variants]
-    for v in variants:
-        if not v or set(v) - set(models.SPEED_OPTIONS):
-            raise models.UserError(f"--variants {'+'.join(v)}: options joined by '+' from {', '.join(models.SPEED_OPTIONS)}")
-    if variants and "train" not in args.groups:
-        raise models.UserError("--variants: they are train rows, so --groups needs train")
     train = [{"group": group, "row": kind, "unit": "pair", "baseline": kind == "baseline", "flops_by_role": flops[kind],
               "tflop": flops[kind]["total"] / 1e12, "precision": "fp32 master + bf16 autocast" if bf16 else "fp32"}
              for group in ("train", "train+gc") for kind in LOSSES]

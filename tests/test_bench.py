@@ -86,3 +86,49 @@ def test_flops_only_counts_a_pruned_student(tmp_path, capsys):
     assert base["teacher"] == pytest.approx(1.5 * ours["teacher"])  # 2 videos (reference) + 1 (SFT target)
     sample = next(r for r in report["rows"] if r["group"] == "sample")  # 3 steps, 2 videos a forward
     assert 0 < sample["tflop"] < 3 * ours["teacher"] / 1e12
+
+
+def test_variants_rows_and_profile(tmp_path, capsys):
+    """--variants adds an 'ours' train row per option set, timed from the same student == teacher start (step-1 loss
+    log 2 up to the rounding a new memory layout brings, times beta); --profile files every op's time by kind;
+    --groups leaves out what it does not name; the agreement is also checked in strict float32."""
+    out = tmp_path / "variants.json"
+    args = bench_redpo.get_parser().parse_args(["--tiny", "--groups", "train", "agreement", "--variants", "channels-last",
+                                                "--profile", "--warmup", "1", "--repeats", "1", "--out", str(out),
+                                                "--device", "cpu"])
+    bench_redpo.main(args)
+    stdout = capsys.readouterr().out
+    report = json.loads(out.read_text())
+    rows = {r["row"]: r for r in report["rows"]}
+    assert list(rows) == ["ours", "baseline", "ours + channels-last"]  # no train+gc, sample or decode rows
+    variant = rows["ours + channels-last"]
+    assert variant["options"] == ["channels-last"] and variant["tflop"] == rows["ours"]["tflop"]
+    assert variant["step1_loss"] == pytest.approx(math.log(2), abs=1e-3) and variant["speedup"] > 0
+    for name in ("ours", "ours + channels-last"):
+        prof = rows[name]["profile"]
+        assert prof["kernel_s"] == pytest.approx(sum(prof["by_kind"].values())) and prof["kernel_s"] > 0
+        assert set(prof["by_kind"]) <= {k for k, _ in bench_redpo.KERNEL_KINDS} | {"elementwise & other"}
+        assert {"attention", "convolution", "matmul"} <= set(prof["by_kind"])  # the UNet's own ops, on the CPU
+        assert len(prof["top"]) == 8 and prof["top"][0][1] >= prof["top"][-1][1]
+    assert "profile" not in rows["baseline"]
+    assert report["checks"]["agreement_max_abs_diff"] < 1e-4 and report["checks"]["agreement_max_abs_diff_strict_fp32"] < 1e-4
+    assert "- profile of train ours + channels-last: op (self CPU) time" in stdout
+    assert "in strict float32" in stdout
+
+
+def test_kernel_kinds_of_cuda_kernel_names():
+    kind = bench_redpo.kernel_kind
+    assert kind("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_7_64x") == "attention"
+    assert kind("void cudnn::engines_precompiled::nchwToNhwcKernel<__nv_bfloat16, __nv_") == "layout transposes"
+    assert kind("sm90_xmma_fprop_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc") == "convolution"
+    assert kind("nvjet_tst_128x256_64x4_1x2_h_bz_coopA_NTN") == "matmul" and kind("aten::mm") == "matmul"
+    assert kind("void at::native::(anonymous namespace)::RowwiseMomentsCUDAKernel<float") == "normalization"
+    assert kind("void at::native::unrolled_elementwise_kernel<at::native::direct_copy_k") == "elementwise & other"
+    assert kind("void at::native::fused_adamw_kernel") == "optimizer"
+
+
+def test_bad_variant_is_one_line_error(tmp_path):
+    proc = run("benchmarks/bench_redpo.py", "--tiny", "--flops-only", "--variants", "channels-last+warp-speed",
+               "--device", "cpu", check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "--variants channels-last+warp-speed" in proc.stderr and "cudnn-benchmark" in proc.stderr

@@ -176,3 +176,22 @@ def test_first_change_counts_a_setting_missing_from_an_old_record_as_its_default
     assert models.first_change({"a": 1}, {"a": 1, "b": "y"}, p) == ("b", "x", "y")
     assert models.first_change({"a": 2, "b": "y"}, {"a": 1, "b": "y"}, p) == ("a", 2, 1)  # the first that differs
     assert models.first_change({"a": 2}, {"a": 1, "b": "x"}, p, skip=("a",)) is None
+
+
+def test_for_speed_options(vc2_dir):
+    """channels-last puts every Conv2d weight in NHWC (the temporal Conv3d's stay as they are) and leaves the outputs
+    as they were; compile-blocks marks each down, mid and up block compiled (compiling happens at the first call,
+    not here); an unknown option is a UserError naming the choices."""
+    unet = models.load_teacher(models.get_family("vc2"), vc2_dir).unet
+    fast = models.for_speed(copy.deepcopy(unet), ["channels-last"])
+    conv2d = [m for m in fast.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert conv2d and all(m.weight.is_contiguous(memory_format=torch.channels_last) for m in conv2d)
+    assert all(m.weight.is_contiguous() for m in fast.modules() if isinstance(m, torch.nn.Conv3d))
+    x, t, emb = torch.randn(1, 4, 2, 8, 8), torch.tensor([500]), torch.randn(1, 16, unet.config.cross_attention_dim)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x, t, emb).sample, unet(x, t, emb).sample, rtol=1e-4, atol=1e-5)
+    blocks = models.for_speed(copy.deepcopy(unet), ["compile-blocks"])
+    assert all(b._compiled_call_impl is not None for b in [*blocks.down_blocks, blocks.mid_block, *blocks.up_blocks])
+    assert unet.down_blocks[0]._compiled_call_impl is None  # the original is untouched
+    with pytest.raises(models.UserError, match="warp-speed.*cudnn-benchmark"):
+        models.for_speed(unet, ["warp-speed"])
