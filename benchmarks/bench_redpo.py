@@ -13,7 +13,9 @@ architecture at 32x32x8), or --tiny configs like tests/tiny.py's (CPU, under a m
           latents out; the VAE decode (models.decode) timed as its own row.
   checks: the step-1 losses (student == teacher == reference, so log 2) of ours and the baseline on identical
           inputs; a 2-step eta-0 run of ours (x0 rescaling off) vs the pipeline from the same noise, both on
-          a float32 copy of the UNet.
+          a float32 copy of the UNet in float32 (with torch's TF32 defaults and in strict float32).
+--variants: more 'ours' train rows with models.for_speed options (cudnn-benchmark, channels-last, compile,
+          compile-blocks); --profile: where each 'ours' step's kernel time goes, by kind and by kernel.
 --compile: the 'ours' train and sample rows with torch.compile'd UNets (not yet measured on a GPU: the vc2 run
           did not finish within 220 s, benchmarks/RESULTS.md).
 FLOPs are counted once, on the meta device, with FlopCounterMode (attention in its math form; model FLOPs: the
@@ -25,6 +27,7 @@ One GPU:   python benchmarks/bench_redpo.py --model vc2 --out vc2.json          
            python benchmarks/bench_redpo.py --model animatediff --out animatediff.json
 Pruned:    python benchmarks/bench_redpo.py --model vc2 --remove down_blocks.0.temp_attentions.1,mid_block.attentions.0
 Counting:  python benchmarks/bench_redpo.py --model vc2 --flops-only   (any machine: meta device only, nothing timed)
+Profile:   python benchmarks/bench_redpo.py --model vc2 --groups train --profile --variants channels-last
 """
 import argparse
 import contextlib
