@@ -15,7 +15,8 @@ architecture at 32x32x8), or --tiny configs like tests/tiny.py's (CPU, under a m
           inputs; a 2-step eta-0 run of ours (x0 rescaling off) vs the pipeline from the same noise, both on
           a float32 copy of the UNet in float32 (with torch's TF32 defaults and in strict float32).
 --variants: more 'ours' train rows with models.for_speed options (cudnn-benchmark, channels-last, compile,
-          compile-blocks); --profile: where each 'ours' step's kernel time goes, by kind and by kernel.
+          compile-blocks) or bf16-weights (every UNet natively in bf16, float32 master weights in AdamW);
+          --profile: where each 'ours' step's kernel time goes, by kind and by kernel.
 --compile: the 'ours' train and sample rows with torch.compile'd UNets (not yet measured on a GPU: the vc2 run
           did not finish within 220 s, benchmarks/RESULTS.md).
 FLOPs are counted once, on the meta device, with FlopCounterMode (attention in its math form; model FLOPs: the
@@ -63,6 +64,9 @@ TINY_UNET2D = dict(block_out_channels=(8, 8), norm_num_groups=2, cross_attention
 TINY_ADAPTER = dict(block_out_channels=(8, 8), motion_layers_per_block=1, motion_norm_num_groups=2,
                     motion_num_attention_heads=4)
 GROUPS = ("train", "train+gc", "sample", "agreement")
+# --variants: models.for_speed's options, and bf16-weights: every UNet in bf16 weights run natively (no autocast, so
+# no casts and no float32 norms), the student's float32 master weights in AdamW (not in redpo.py: measured first)
+VARIANT_OPTIONS = (*models.SPEED_OPTIONS, "bf16-weights")
 TINY_VAE = dict(block_out_channels=(8, 8), down_block_types=["DownEncoderBlock2D"] * 2,
                 up_block_types=["UpDecoderBlock2D"] * 2, latent_channels=4, norm_num_groups=2)
 
@@ -90,8 +94,9 @@ def get_parser():
     p.add_argument("--groups", nargs="+", default=list(GROUPS), choices=list(GROUPS), metavar="GROUP",
                    help=f"what to run: {', '.join(GROUPS)} (default: all; 'sample' includes the decode row)")
     p.add_argument("--variants", nargs="*", default=[], metavar="OPT[+OPT...]",
-                   help="extra 'ours' train rows, each with models.for_speed options joined by '+' (from "
-                        f"{', '.join(models.SPEED_OPTIONS)}), e.g. cudnn-benchmark+channels-last")
+                   help="extra 'ours' train rows, each with options joined by '+' (models.for_speed's "
+                        f"{', '.join(models.SPEED_OPTIONS)}, and bf16-weights: the UNets natively in bf16, "
+                        "float32 master weights in AdamW), e.g. bf16-weights+compile-blocks")
     p.add_argument("--profile", action="store_true",
                    help="after timing each 'ours' train row, profile 2 more steps and print where the time goes "
                         "(kernel time by kind, the top kernels, and on CUDA the share of the step the GPU is busy)")
@@ -331,25 +336,40 @@ def train_row(row, family, base, args, rargs, batch, frozen, device, loss_fn):
     options = set(row.get("options", ()))
     if ours and args.compile and row["group"] == "train" and not options:  # as redpo.main --compile
         options = {"compile"}
-    cudnn_benchmark = torch.backends.cudnn.benchmark
-    if options:
-        teacher = copy.deepcopy(teacher) if options & {"channels-last", "compile", "compile-blocks"} else teacher
-        student, teacher = models.for_speed(student, options), models.for_speed(teacher, options)
-        reference = models.for_speed(reference, options) if reference is not None else None
-    opt = torch.optim.AdamW(params, lr=rargs.lr or family.lr, weight_decay=rargs.weight_decay,
+    cudnn_benchmark, on_autocast, master = torch.backends.cudnn.benchmark, frozen == torch.bfloat16, None
+    if options & {"channels-last", "compile", "compile-blocks", "bf16-weights"}:
+        teacher = copy.deepcopy(teacher)  # the base model stays as the other rows use it
+    if "bf16-weights" in options:  # every UNet in bf16, run natively (no autocast); AdamW on float32 master weights
+        master = [p.detach().float().clone() for p in params]
+        student, teacher, on_autocast = student.to(torch.bfloat16), teacher.to(torch.bfloat16), False
+        reference = reference.to(torch.bfloat16) if reference is not None else None
+    if options - {"bf16-weights"}:
+        speed = options - {"bf16-weights"}
+        student, teacher = models.for_speed(student, speed), models.for_speed(teacher, speed)
+        reference = models.for_speed(reference, speed) if reference is not None else None
+    opt = torch.optim.AdamW(master or params, lr=rargs.lr or family.lr, weight_decay=rargs.weight_decay,
                             fused=True if ours and device.startswith("cuda") else None)
     loss_fn, scheduler, losses = loss_fn if ours else redpo.redpo_loss, ddim(family), []
 
     def step():
-        loss, _ = LOSSES[kind](family, scheduler, student, teacher, reference, batch, rargs,
-                                     frozen == torch.bfloat16, device, loss_fn)
+        loss, _ = LOSSES[kind](family, scheduler, student, teacher, reference, batch, rargs, on_autocast, device,
+                               loss_fn)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, rargs.max_grad_norm if rargs.max_grad_norm > 0 else math.inf)
+        if master:  # the bf16 gradients to the float32 master weights, and after the step the weights back
+            for m, p in zip(master, params):
+                m.grad, p.grad = p.grad.float(), None
+        torch.nn.utils.clip_grad_norm_(master or params, rargs.max_grad_norm if rargs.max_grad_norm > 0 else math.inf)
         opt.step()
         opt.zero_grad(set_to_none=True)
+        if master:
+            with torch.no_grad():
+                torch._foreach_copy_(params, master)
         losses.append(loss.detach())
+    first = (master or params)[0]  # what AdamW updates: did the steps train anything?
+    before = first.detach().clone()
     try:
         row["times"] = timed(step, args.warmup, args.repeats, device)
+        row["param_change"] = (first.detach() - before).abs().max().item()
         if ours and args.profile:
             row["profile"] = profile_steps(step, 2, device)
     finally:
@@ -543,8 +563,8 @@ def main(args):
 
     variants = [v.split("+") for v in args.variants]
     for v in variants:
-        if not v or set(v) - set(models.SPEED_OPTIONS):
-            raise models.UserError(f"--variants {'+'.join(v)}: options joined by '+' from {', '.join(models.SPEED_OPTIONS)}")
+        if not v or set(v) - set(VARIANT_OPTIONS):
+            raise models.UserError(f"--variants {'+'.join(v)}: options joined by '+' from {', '.join(VARIANT_OPTIONS)}")
     if variants and "train" not in args.groups:
         raise models.UserError("--variants: they are train rows, so --groups needs train")
     device = models.resolve_device(args.device)
@@ -573,6 +593,9 @@ def main(args):
     if args.compile:
         train[0]["row"] = "ours (compiled)"
     train[2:2] = [{**train[0], "row": "ours + " + "+".join(v), "options": v} for v in variants]
+    for r in train[2:2 + len(variants)]:
+        if "bf16-weights" in r["options"]:
+            r["precision"] = "bf16 weights, no autocast, fp32 master in AdamW"
     pipe_name = f"diffusers {'AnimateDiff' if family.name == 'animatediff' else 'TextToVideoSD'}Pipeline"
     sample = [{"group": "sample", "row": name, "unit": "video", "baseline": name == pipe_name, "steps": steps,
                "tflop": flops["sample"] / 1e12, "precision": "bf16" if bf16 else "fp32"}

@@ -7,9 +7,13 @@
 #   toyloop           one reduced round of the toy loop on CUDA (every stage's CUDA path: probes, pruning,
 #                     make_pairs, filter, redpo, evaluate), timed
 #   vc2-speed, animatediff-speed
-#                     the training step only, with the models.for_speed variants side by side and a profile of
-#                     each 'ours' row (kernel time by kind, top kernels, the share of the step the GPU is busy);
-#                     vc2 adds the sampler agreement check in strict float32 as well
+#                     the training step only, with the bench's --variants side by side and a profile of each 'ours'
+#                     row (kernel time by kind, top kernels, the share of the step the GPU is busy); vc2 adds the
+#                     sampler agreement check (2026-12-04: cudnn-benchmark and channels-last measured, no gain;
+#                     the default VARIANTS are now the untried ones, bf16-weights first)
+#   vc2-compile-blocks, animatediff-compile-blocks
+#                     the training step with regionally compiled UNets, alone (it did not finish compiling inside
+#                     the speed steps of 2026-12-04, so it gets a step and a limit of its own)
 #   vc2-compile-train the training step only, the whole UNets compiled (given what is left of DEADLINE)
 # Each step's whole output goes to OUT_DIR/<step>.txt (and the benchmarks' JSON to OUT_DIR/<step>.json).
 #
@@ -46,7 +50,7 @@ nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=c
 $py -c "import sys, torch, diffusers, transformers; print(sys.version.split()[0], 'torch', torch.__version__, \
 'cuda', torch.version.cuda, 'diffusers', diffusers.__version__, 'transformers', transformers.__version__)"
 nproc
-variants=${VARIANTS:-cudnn-benchmark channels-last cudnn-benchmark+channels-last cudnn-benchmark+compile-blocks}
+variants=${VARIANTS:-bf16-weights}
 step vc2 180 $bench --model vc2 --reference teacher --warmup 1 --repeats 3 --out "$out/vc2.json"
 step animatediff 180 $bench --model animatediff --reference teacher --warmup 1 --repeats 3 \
     --out "$out/animatediff.json"
@@ -58,5 +62,9 @@ step vc2-speed 300 $bench --model vc2 --reference teacher --groups train agreeme
     --variants $variants --profile --out "$out/vc2-speed.json"
 step animatediff-speed 240 $bench --model animatediff --reference teacher --groups train --warmup 2 --repeats 5 \
     --variants $variants --profile --out "$out/animatediff-speed.json"
+step vc2-compile-blocks 420 $bench --model vc2 --reference teacher --groups train --warmup 2 --repeats 5 \
+    --variants compile-blocks bf16-weights+compile-blocks --out "$out/vc2-compile-blocks.json"
+step animatediff-compile-blocks 420 $bench --model animatediff --reference teacher --groups train --warmup 2 \
+    --repeats 5 --variants compile-blocks bf16-weights+compile-blocks --out "$out/animatediff-compile-blocks.json"
 step vc2-compile-train 300 $bench --model vc2 --reference teacher --groups train --warmup 2 --repeats 5 \
     --variants compile --out "$out/vc2-compile-train.json"

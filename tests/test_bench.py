@@ -94,16 +94,19 @@ def test_variants_rows_and_profile(tmp_path, capsys):
     --groups leaves out what it does not name; the agreement is also checked in strict float32."""
     out = tmp_path / "variants.json"
     args = bench_redpo.get_parser().parse_args(["--tiny", "--groups", "train", "agreement", "--variants", "channels-last",
-                                                "--profile", "--warmup", "1", "--repeats", "1", "--out", str(out),
-                                                "--device", "cpu"])
+                                                "bf16-weights", "--profile", "--warmup", "1", "--repeats", "1",
+                                                "--out", str(out), "--device", "cpu"])
     bench_redpo.main(args)
     stdout = capsys.readouterr().out
     report = json.loads(out.read_text())
     rows = {r["row"]: r for r in report["rows"]}
-    assert list(rows) == ["ours", "baseline", "ours + channels-last"]  # no train+gc, sample or decode rows
-    variant = rows["ours + channels-last"]
-    assert variant["options"] == ["channels-last"] and variant["tflop"] == rows["ours"]["tflop"]
-    assert variant["step1_loss"] == pytest.approx(math.log(2), abs=1e-3) and variant["speedup"] > 0
+    assert list(rows) == ["ours", "baseline", "ours + channels-last", "ours + bf16-weights"]  # no train+gc, sample...
+    for name, options in (("ours + channels-last", ["channels-last"]), ("ours + bf16-weights", ["bf16-weights"])):
+        variant = rows[name]
+        assert variant["options"] == options and variant["tflop"] == rows["ours"]["tflop"]
+        assert variant["step1_loss"] == pytest.approx(math.log(2), abs=1e-3) and variant["speedup"] > 0
+    assert all(r["param_change"] > 0 for r in rows.values())  # AdamW moved the (master) weights in every row
+    assert rows["ours + bf16-weights"]["precision"].startswith("bf16 weights") and rows["ours"]["precision"] == "fp32"
     for name in ("ours", "ours + channels-last"):
         prof = rows[name]["profile"]
         assert prof["kernel_s"] == pytest.approx(sum(prof["by_kind"].values())) and prof["kernel_s"] > 0
