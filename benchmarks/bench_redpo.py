@@ -358,7 +358,8 @@ def train_row(row, family, base, args, rargs, batch, frozen, device, loss_fn):
         if master:  # the bf16 gradients to the float32 master weights, and after the step the weights back
             for m, p in zip(master, params):
                 m.grad, p.grad = p.grad.float(), None
-        torch.nn.utils.clip_grad_norm_(master or params, rargs.max_grad_norm if rargs.max_grad_norm > 0 else math.inf)
+        max_norm = rargs.max_grad_norm if rargs.max_grad_norm > 0 else math.inf
+        torch.nn.utils.clip_grad_norm_(master or params, max_norm)
         opt.step()
         opt.zero_grad(set_to_none=True)
         if master:
@@ -379,8 +380,9 @@ def train_row(row, family, base, args, rargs, batch, frozen, device, loss_fn):
 
 KERNEL_KINDS = [("attention", r"flash|fmha|attention|sdpa|softmax"), ("layout transposes", r"nchwtonhwc|nhwctonchw"),
                 ("convolution", r"conv|fprop|dgrad|wgrad|cudnn"),
-                ("matmul", r"gemm|cutlass|nvjet|xmma|::mm$|addmm|bmm|matmul|linear"), ("normalization", r"norm|moments|fusedparams"),
-                ("optimizer", r"adam|multi_tensor"), ("compiled (triton)", r"triton")]
+                ("matmul", r"gemm|cutlass|nvjet|xmma|::mm$|addmm|bmm|matmul|linear"),
+                ("normalization", r"norm|moments|fusedparams"), ("optimizer", r"adam|multi_tensor"),
+                ("compiled (triton)", r"triton")]
 
 
 def kernel_kind(name):
@@ -415,7 +417,7 @@ def profile_steps(step, n, device):
             "top": [[name, seconds, calls] for name, (seconds, calls) in top]}
 
 
-def samplers(family, base, vae, args, cond, uncond, shape, size, frozen):
+def samplers(family, vae, args, cond, uncond, shape, size, frozen):
     """(pipeline(unet), ours(unet, steps, eta, x0_rescale), theirs(pipe, steps, eta, latents)): our DDIM loop
     and diffusers' pipeline on the same prompt embeddings, scheduler settings and seed (latents out)."""
     from diffusers import AnimateDiffPipeline, DDIMScheduler, TextToVideoSDPipeline
@@ -549,7 +551,8 @@ def report(args, info, rows, checks):
             if device_is_cuda(info) and r.get("median_s"):
                 busy = f" = {pr['kernel_s'] / r['median_s']:.0%} of the timed step (the rest: the GPU waits)"
             kinds = ", ".join(f"{k} {v / pr['kernel_s']:.0%}" for k, v in pr["by_kind"].items())
-            top = "; ".join(f"{name[:70]} {sec / pr['kernel_s']:.0%} ({calls:g} calls)" for name, sec, calls in pr["top"])
+            top = "; ".join(f"{name[:70]} {sec / pr['kernel_s']:.0%} ({calls:g} calls)"
+                            for name, sec, calls in pr["top"])
             lines.append(f"- profile of {r['group']} {r['row']}: {'kernel' if busy else 'op (self CPU)'} time "
                          f"{pr['kernel_s']:.4g} s a step{busy}; by kind: {kinds}; top: {top}")
     print("\n".join(lines))
@@ -564,7 +567,8 @@ def main(args):
     variants = [v.split("+") for v in args.variants]
     for v in variants:
         if not v or set(v) - set(VARIANT_OPTIONS):
-            raise models.UserError(f"--variants {'+'.join(v)}: options joined by '+' from {', '.join(VARIANT_OPTIONS)}")
+            raise models.UserError(f"--variants {'+'.join(v)}: options joined by '+' from "
+                                   f"{', '.join(VARIANT_OPTIONS)}")
     if variants and "train" not in args.groups:
         raise models.UserError("--variants: they are train rows, so --groups needs train")
     device = models.resolve_device(args.device)
@@ -632,7 +636,7 @@ def main(args):
             if len(loss) == 2:
                 checks[group] = {"ours": loss["ours"], "baseline": loss["baseline"],
                                  "abs_diff": abs(loss["ours"] - loss["baseline"])}
-        sampler = samplers(family, base, vae, args, emb.to(device), uncond.to(device), shape, size, frozen)
+        sampler = samplers(family, vae, args, emb.to(device), uncond.to(device), shape, size, frozen)
         if "sample" in args.groups:
             sample_rows(sample, family, base, vae, args, steps, device, sampler)
         if "agreement" in args.groups:

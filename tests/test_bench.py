@@ -93,14 +93,14 @@ def test_variants_rows_and_profile(tmp_path, capsys):
     log 2 up to the rounding a new memory layout brings, times beta); --profile files every op's time by kind;
     --groups leaves out what it does not name; the agreement is also checked in strict float32."""
     out = tmp_path / "variants.json"
-    args = bench_redpo.get_parser().parse_args(["--tiny", "--groups", "train", "agreement", "--variants", "channels-last",
-                                                "bf16-weights", "--profile", "--warmup", "1", "--repeats", "1",
-                                                "--out", str(out), "--device", "cpu"])
+    args = bench_redpo.get_parser().parse_args(["--tiny", "--groups", "train", "agreement", "--variants",
+                                                "channels-last", "bf16-weights", "--profile", "--warmup", "1",
+                                                "--repeats", "1", "--out", str(out), "--device", "cpu"])
     bench_redpo.main(args)
     stdout = capsys.readouterr().out
     report = json.loads(out.read_text())
     rows = {r["row"]: r for r in report["rows"]}
-    assert list(rows) == ["ours", "baseline", "ours + channels-last", "ours + bf16-weights"]  # no train+gc, sample...
+    assert list(rows) == ["ours", "baseline", "ours + channels-last", "ours + bf16-weights"]  # no other groups
     for name, options in (("ours + channels-last", ["channels-last"]), ("ours + bf16-weights", ["bf16-weights"])):
         variant = rows[name]
         assert variant["options"] == options and variant["tflop"] == rows["ours"]["tflop"]
@@ -114,7 +114,8 @@ def test_variants_rows_and_profile(tmp_path, capsys):
         assert {"attention", "convolution", "matmul"} <= set(prof["by_kind"])  # the UNet's own ops, on the CPU
         assert len(prof["top"]) == 8 and prof["top"][0][1] >= prof["top"][-1][1]
     assert "profile" not in rows["baseline"]
-    assert report["checks"]["agreement_max_abs_diff"] < 1e-4 and report["checks"]["agreement_max_abs_diff_strict_fp32"] < 1e-4
+    checks = report["checks"]
+    assert checks["agreement_max_abs_diff"] < 1e-4 and checks["agreement_max_abs_diff_strict_fp32"] < 1e-4
     assert "- profile of train ours + channels-last: op (self CPU) time" in stdout
     assert "in strict float32" in stdout
 
