@@ -343,8 +343,8 @@ def train_row(row, family, base, args, rargs, batch, frozen, device, loss_fn):
         master = [p.detach().float().clone() for p in params]
         student, teacher, on_autocast = student.to(torch.bfloat16), teacher.to(torch.bfloat16), False
         reference = reference.to(torch.bfloat16) if reference is not None else None
-    if options - {"bf16-weights"}:
-        speed = options - {"bf16-weights"}
+    speed = options - {"bf16-weights"}  # models.for_speed's own options
+    if speed:
         student, teacher = models.for_speed(student, speed), models.for_speed(teacher, speed)
         reference = models.for_speed(reference, speed) if reference is not None else None
     opt = torch.optim.AdamW(master or params, lr=rargs.lr or family.lr, weight_decay=rargs.weight_decay,
@@ -411,7 +411,8 @@ def profile_steps(step, n, device):
         by_name[e.name] = (total + seconds, calls + 1 / n)
     by_kind = {}
     for name, (seconds, _) in by_name.items():
-        by_kind[kernel_kind(name)] = by_kind.get(kernel_kind(name), 0.0) + seconds
+        kind = kernel_kind(name)
+        by_kind[kind] = by_kind.get(kind, 0.0) + seconds
     top = sorted(by_name.items(), key=lambda kv: -kv[1][0])[:8]
     return {"kernel_s": sum(by_kind.values()), "by_kind": dict(sorted(by_kind.items(), key=lambda kv: -kv[1])),
             "top": [[name, seconds, calls] for name, (seconds, calls) in top]}
