@@ -136,3 +136,44 @@ def test_bad_variant_is_one_line_error(tmp_path):
                "--device", "cpu", check=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "--variants channels-last+warp-speed" in proc.stderr and "cudnn-benchmark" in proc.stderr
+
+
+CHILD = """
+import subprocess, sys, torch
+import torch.nn.functional as F
+torch.ones(64, 32) @ torch.ones(32, 16)                      # 2*64*32*16
+q = torch.ones(2, 3, 10, 4, requires_grad=True)              # (B, H, S, D): the CPU attention kernel
+F.scaled_dot_product_attention(q, q.detach(), q.detach()).sum().backward()
+subprocess.run([sys.executable, "-c", "import torch; torch.nn.functional.conv2d(torch.ones(1, 3, 8, 8), torch.ones(4, 3, 3, 3))"])
+sys.exit(3)
+"""
+
+
+def test_flop_meter_counts_every_process_of_a_command(tmp_path):
+    out = tmp_path / "meter.jsonl"
+    proc = run("benchmarks/flop_meter.py", "--peak-gflops", "10", "--cores", "2", "--out", out, "--",
+               sys.executable, "-c", CHILD, check=False)
+    assert proc.returncode == 3, proc.stderr  # the command's own exit code, after the table
+    rows = sorted((json.loads(line) for line in out.read_text().splitlines()), key=lambda r: r["start"])
+    assert len(rows) == 2 and rows[1]["ppid"] == rows[0]["pid"]  # the child and the process it started
+    B, H, S, D = 2, 3, 10, 4
+    # forward: q k^T and p v; backward (torch's formula, a flash kernel's): q k^T again, then dv, dp, dq, dk
+    attention = 2 * (2 * B * H * S * S * D) + 5 * (2 * B * H * S * S * D)
+    assert rows[0]["by_op"]["mm"] == 2 * 64 * 32 * 16
+    assert sum(v for k, v in rows[0]["by_op"].items() if "attention" in k) == attention
+    assert rows[1]["flops"] == 2 * (3 * 3 * 3) * 4 * (6 * 6)  # the grandchild's convolution
+    total = 2 * 64 * 32 * 16 + attention + 2 * 27 * 4 * 36
+    assert sum(r["flops"] for r in rows) == total and all(r["cpu_s"] > 0 for r in rows)
+    assert "| all | 2 | - |" in proc.stdout and f"{total / 1e9 / 10 / 2:.0f} s" in proc.stdout
+    again = run("benchmarks/flop_meter.py", "--report", out, "--peak-gflops", "10", "--cores", "2")
+    assert [ln for ln in again.stdout.splitlines() if ln.startswith("|")] == \
+        [ln for ln in proc.stdout.splitlines() if ln.startswith("|")]
+
+
+def test_flop_meter_bad_input_is_one_line_error(tmp_path):
+    proc = run("benchmarks/flop_meter.py", "--peak-gflops", "10", check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and "no command to meter" in proc.stderr
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"argv": [], "wall_s": 1, "cpu_s": 1, "flops": 0, "by_op": {}}\nnot json\n')
+    proc = run("benchmarks/flop_meter.py", "--report", bad, "--peak-gflops", "10", check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and f"{bad}:2: not valid JSON" in proc.stderr
