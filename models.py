@@ -610,6 +610,12 @@ def autocast(device, enabled, unet=None):
 SPEED_OPTIONS = ("cudnn-benchmark", "channels-last", "compile", "compile-blocks")
 
 
+def unet_blocks(unet):
+    """The UNet's down, mid and up blocks in forward order (the units that checkpointing and regional
+    compilation wrap)."""
+    return [*unet.down_blocks, unet.mid_block, *unet.up_blocks]
+
+
 def for_speed(unet, options):
     """`unet` set up for speed with `options` (a subset of SPEED_OPTIONS), in place where it can be:
     cudnn-benchmark  cuDNN times its convolution algorithms once per shape (a global switch);
@@ -632,7 +638,7 @@ def for_speed(unet, options):
 
         name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
         setattr(config, name, max(64, getattr(config, name)))
-        for block in [*unet.down_blocks, unet.mid_block, *unet.up_blocks]:
+        for block in unet_blocks(unet):
             block.compile(dynamic=False)
     return torch.compile(unet) if "compile" in options else unet
 

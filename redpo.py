@@ -199,7 +199,7 @@ def checkpoint_blocks(unet):
     if getattr(unet, "_supports_gradient_checkpointing", False) and not hasattr(unet, "transformer_in"):
         unet.enable_gradient_checkpointing()
         return
-    for block in [*unet.down_blocks, unet.mid_block, *unet.up_blocks]:
+    for block in models.unet_blocks(unet):
         block.forward = (lambda f: lambda *a, **k: checkpoint(f, *a, use_reentrant=False, **k))(block.forward)
 
 
