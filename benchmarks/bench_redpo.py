@@ -16,7 +16,7 @@ architecture at 32x32x8), or --tiny configs like tests/tiny.py's (CPU, under a m
           a float32 copy of the UNet in float32 (with torch's TF32 defaults and in strict float32).
 --variants: more 'ours' train rows with models.for_speed options (cudnn-benchmark, channels-last, compile,
           compile-blocks) or bf16-weights (every UNet natively in bf16, float32 master weights in AdamW);
-          --profile: where each 'ours' step's kernel time goes, by kind and by kernel.
+          --profile: where each 'ours' step's (and our sampler's) kernel time goes, by kind and by kernel.
 --compile: the 'ours' train and sample rows with torch.compile'd UNets (not yet measured on a GPU: the vc2 run
           did not finish within 220 s, benchmarks/RESULTS.md).
 FLOPs are counted once, on the meta device, with FlopCounterMode (attention in its math form; model FLOPs: the
@@ -98,7 +98,8 @@ def get_parser():
                         f"{', '.join(models.SPEED_OPTIONS)}, and bf16-weights: the UNets natively in bf16, "
                         "float32 master weights in AdamW), e.g. bf16-weights+compile-blocks")
     p.add_argument("--profile", action="store_true",
-                   help="after timing each 'ours' train row, profile 2 more steps and print where the time goes "
+                   help="after timing each 'ours' train row (and our sampler), profile 2 more steps (1 video) and print "
+                        "where the time goes "
                         "(kernel time by kind, the top kernels, and on CUDA the share of the step the GPU is busy)")
     return p
 
@@ -455,6 +456,8 @@ def sample_rows(rows, family, base, vae, args, steps, device, sampler):
     for row, fn in zip(rows, (lambda: ours(ours_unet, steps, family.eta), lambda: theirs(pipe, steps, family.eta))):
         with fresh_memory(device, row):
             row["times"] = timed(fn, args.warmup, args.repeats, device)
+    if args.profile:  # our sampler's video, once more
+        rows[0]["profile"] = profile_steps(lambda: ours(ours_unet, steps, family.eta), 1, device)
     latents = ours(unet, steps, family.eta)  # (1, C, F, h, w)
     with fresh_memory(device, rows[2]):
         rows[2]["times"] = timed(lambda: models.decode(vae, latents), args.warmup, args.repeats, device)
@@ -555,7 +558,8 @@ def report(args, info, rows, checks):
             top = "; ".join(f"{name[:70]} {sec / pr['kernel_s']:.0%} ({calls:g} calls)"
                             for name, sec, calls in pr["top"])
             lines.append(f"- profile of {r['group']} {r['row']}: {'kernel' if busy else 'op (self CPU)'} time "
-                         f"{pr['kernel_s']:.4g} s a step{busy}; by kind: {kinds}; top: {top}")
+                         f"{pr['kernel_s']:.4g} s a {'video' if r['group'] == 'sample' else 'step'}{busy}; by kind: "
+                         f"{kinds}; top: {top}")
     print("\n".join(lines))
     if args.out:
         models.write_json(args.out, {"args": vars(args), "header": info, "rows": rows, "checks": checks})

@@ -3,6 +3,7 @@ agreement and FLOP counts that add up; --remove makes the counted student cheape
 import json
 import math
 import os
+import re
 import sys
 
 import pytest
@@ -90,33 +91,36 @@ def test_flops_only_counts_a_pruned_student(tmp_path, capsys):
 
 def test_variants_rows_and_profile(tmp_path, capsys):
     """--variants adds an 'ours' train row per option set, timed from the same student == teacher start (step-1 loss
-    log 2 up to the rounding a new memory layout brings, times beta); --profile files every op's time by kind;
+    log 2 up to the rounding a new memory layout brings, times beta); --profile files every op's time by kind (of the
+    'ours' train rows and our sampler);
     --groups leaves out what it does not name; the agreement is also checked in strict float32."""
     out = tmp_path / "variants.json"
-    args = bench_redpo.get_parser().parse_args(["--tiny", "--groups", "train", "agreement", "--variants",
+    args = bench_redpo.get_parser().parse_args(["--tiny", "--groups", "train", "sample", "agreement", "--variants",
                                                 "channels-last", "bf16-weights", "--profile", "--warmup", "1",
                                                 "--repeats", "1", "--out", str(out), "--device", "cpu"])
     bench_redpo.main(args)
     stdout = capsys.readouterr().out
     report = json.loads(out.read_text())
     rows = {r["row"]: r for r in report["rows"]}
-    assert list(rows) == ["ours", "baseline", "ours + channels-last", "ours + bf16-weights"]  # no other groups
+    assert list(rows) == ["ours", "baseline", "ours + channels-last", "ours + bf16-weights", *[r for g, r in ROWS
+                                                                                         if g in ("sample", "decode")]]
     for name, options in (("ours + channels-last", ["channels-last"]), ("ours + bf16-weights", ["bf16-weights"])):
         variant = rows[name]
         assert variant["options"] == options and variant["tflop"] == rows["ours"]["tflop"]
         assert variant["step1_loss"] == pytest.approx(math.log(2), abs=1e-3) and variant["speedup"] > 0
-    assert all(r["param_change"] > 0 for r in rows.values())  # AdamW moved the (master) weights in every row
+    assert all(r["param_change"] > 0 for r in rows.values() if r["group"] == "train")  # AdamW moved the (master) weights in every row
     assert rows["ours + bf16-weights"]["precision"].startswith("bf16 weights") and rows["ours"]["precision"] == "fp32"
-    for name in ("ours", "ours + channels-last"):
+    for name in ("ours", "ours + channels-last", "ours (models.sample)"):
         prof = rows[name]["profile"]
         assert prof["kernel_s"] == pytest.approx(sum(prof["by_kind"].values())) and prof["kernel_s"] > 0
         assert set(prof["by_kind"]) <= {k for k, _ in bench_redpo.KERNEL_KINDS} | {"elementwise & other"}
         assert {"attention", "convolution", "matmul"} <= set(prof["by_kind"])  # the UNet's own ops, on the CPU
         assert len(prof["top"]) == 8 and prof["top"][0][1] >= prof["top"][-1][1]
-    assert "profile" not in rows["baseline"]
+    assert all("profile" not in rows[name] for name in ("baseline", "diffusers TextToVideoSDPipeline"))
     checks = report["checks"]
     assert checks["agreement_max_abs_diff"] < 1e-4 and checks["agreement_max_abs_diff_strict_fp32"] < 1e-4
     assert "- profile of train ours + channels-last: op (self CPU) time" in stdout
+    assert re.search(r"- profile of sample ours \(models.sample\): op \(self CPU\) time [0-9.e-]+ s a video", stdout)
     assert "in strict float32" in stdout
 
 
