@@ -2,19 +2,23 @@
 against this machine's measured peak.
 
 The command runs with a sitecustomize put first on its PYTHONPATH, so every Python process it starts (the loop,
-each stage it launches, a study's units) counts the FLOPs of its PyTorch ops from start to exit with a lean
-TorchDispatchMode over torch.utils.flop_counter's formulas (matmuls, convolutions, attention, forward and
-backward, plus the CPU attention kernels that its table lacks; elementwise ops count nothing, as in MFU) and appends one JSON line to --out when it exits. The
-command runs with OMP_NUM_THREADS=1 (unless set): a dispatch mode is per thread, so the videos that
-models.in_threads would put on worker threads are counted only when they stay on the main one.
+each stage it launches, a study's units) counts the FLOPs of its PyTorch ops from start to exit, with a lean
+TorchDispatchMode over torch.utils.flop_counter's formulas (matmuls, convolutions and attention, forward and
+backward, plus the CPU attention kernels that torch's table lacks; elementwise ops count nothing, as in MFU),
+and appends one JSON line to --out when it exits. The command runs with OMP_NUM_THREADS=1 (unless set): a
+dispatch mode is per thread, so the videos that models.in_threads would put on worker threads are counted only
+when they stay on the main one.
 
 The peak is a float32 matmul on one thread (1024 x 1024, the median of --peak-repeats), measured before the
-command runs, or --peak-gflops. The report gives, per script: processes, wall and CPU seconds, counted GFLOP and
-GFLOP per CPU second (the share of the peak); then the whole command's FLOPs at the peak on --cores cores, a
-lower bound on its wall time that no kernel can beat (elementwise work, Python and I/O left out).
+command runs, or --peak-gflops. The report gives, per script (or per unit, --by unit): processes, wall and CPU
+seconds, counted GFLOP, GFLOP per CPU second (and its share of the peak); then the whole command's FLOPs at
+that peak on --cores cores: the wall time it would take if every FLOP ran as fast as a large matmul and
+nothing else (elementwise ops, Python, I/O) took any time.
 
     python benchmarks/flop_meter.py --out runs/meter/loop.jsonl -- python online_loop.py --work-dir runs/meter/loop
-    python benchmarks/flop_meter.py --report runs/meter/loop.jsonl --peak-gflops 84   # the table again
+    python benchmarks/flop_meter.py --report runs/meter/loop.jsonl --peak-gflops 92   # the table again
+    python benchmarks/flop_meter.py --out runs/meter/study.jsonl -- python toy/study.py --seeds 0 --jobs 2
+    python benchmarks/flop_meter.py --report runs/meter/study.jsonl --peak-gflops 92 --by unit
 
 The counting costs time per op (about 15 % on the toy's training, more where ops are small), so the wall and
 CPU seconds of a metered run are an upper bound; time the same command unmetered for the achieved speed.
@@ -86,6 +90,10 @@ def get_parser():
                    help="one core's peak in GFLOP/s (0 = measure a float32 matmul on one thread)")
     p.add_argument("--peak-repeats", type=int, default=20, help="timed matmuls for the peak")
     p.add_argument("--cores", type=int, default=0, help="cores for the bound (0 = the cores this process may use)")
+    p.add_argument("--by", choices=["script", "unit"], default="script",
+                   help="table rows: per script, or per unit (each process under the command's own child it "
+                        "descends from, named by the arguments that child does not share with its siblings: "
+                        "toy/study.py's units)")
     p.add_argument("command", nargs=argparse.REMAINDER, help="-- then the command to meter")
     return p
 
@@ -118,11 +126,30 @@ def read_rows(path):
     return rows
 
 
-def report(rows, peak, cores, wall=None):
+def unit_names(rows):
+    """{pid: row name} for --by unit: each process under the command's own child it descends from (the command's
+    first process is a unit of its own), named by its script and its arguments beyond those the children share."""
+    pids, parent = {r["pid"] for r in rows}, {r["pid"]: r["ppid"] for r in rows}
+    root = [r for r in rows if r["ppid"] not in pids]
+    kids = {r["pid"]: r["argv"] for r in rows if parent.get(r["ppid"]) is not None and r["ppid"] in
+            {q["pid"] for q in root}}
+    common = os.path.commonprefix([argv[1:] for argv in kids.values()]) if len(kids) > 1 else []
+    names = {r["pid"]: f"{script_of(r['argv'])} (the command)" for r in root}
+    names.update({pid: " ".join([script_of(argv), *argv[1 + len(common):]])[:70] for pid, argv in kids.items()})
+
+    def name(pid):
+        while pid not in names and pid in parent:
+            pid = parent[pid]
+        return names.get(pid, "?")
+    return {r["pid"]: name(r["pid"]) for r in rows}
+
+
+def report(rows, peak, cores, wall=None, by_unit=False):
     """The markdown table and the bound, as lines."""
-    by = collections.OrderedDict()
+    by, units = collections.OrderedDict(), unit_names(rows) if by_unit else {}
     for r in sorted(rows, key=lambda r: r.get("start", 0)):
-        s = by.setdefault(script_of(r["argv"]), {"n": 0, "wall_s": 0.0, "cpu_s": 0.0, "flops": 0})
+        key = units[r["pid"]] if by_unit else script_of(r["argv"])
+        s = by.setdefault(key, {"n": 0, "wall_s": 0.0, "cpu_s": 0.0, "flops": 0})
         s["n"] += 1
         for k in ("wall_s", "cpu_s", "flops"):
             s[k] += r[k]
@@ -132,22 +159,23 @@ def report(rows, peak, cores, wall=None):
     total, cpu = sum(r["flops"] for r in rows), sum(r["cpu_s"] for r in rows)
     eff = lambda flops, sec: f"{flops / sec / 1e9:.1f} ({100 * flops / sec / 1e9 / peak:.0f} %)" if sec else "-"
     lines = [f"Peak: {peak:.1f} GFLOP/s on one core (float32 matmul); bound on {cores} core(s).", "",
-             "| script | processes | wall s (sum) | CPU s | GFLOP | GFLOP per CPU s (of peak) |", "|---|---|---|---|---|---|"]
+             f"| {'unit' if by_unit else 'script'} | processes | wall s (sum) | CPU s | GFLOP | GFLOP per CPU s (of peak) |", "|---|---|---|---|---|---|"]
     for name, s in sorted(by.items(), key=lambda kv: -kv[1]["flops"]):
         lines.append(f"| {name} | {s['n']} | {s['wall_s']:.0f} | {s['cpu_s']:.0f} | {s['flops'] / 1e9:,.0f} | "
                      f"{eff(s['flops'], s['cpu_s'])} |")
     lines.append(f"| all | {len(rows)} | - | {cpu:.0f} | {total / 1e9:,.0f} | {eff(total, cpu)} |")
     lines += ["", "Counted GFLOP by op: " + ", ".join(f"{k} {v / 1e9:,.0f}" for k, v in ops.most_common(8)), "",
               f"All of it at the peak on {cores} core(s): {total / 1e9 / peak / cores:.0f} s "
-              f"({total / 1e9 / peak / cores / 60:.1f} min), the lower bound on the wall time"
-              + (f"; the metered run took {wall:.0f} s" if wall is not None else "") + "."]
+              f"({total / 1e9 / peak / cores / 60:.1f} min), if every FLOP ran as fast as a large matmul and nothing "
+              "else took any time" + (f"; the metered run took {wall:.0f} s" if wall is not None else "") + "."]
     return lines
 
 
 def main(args):
     cores = args.cores or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
     if args.report:
-        print("\n".join(report(read_rows(args.report), args.peak_gflops or peak_gflops(args.peak_repeats), cores)))
+        print("\n".join(report(read_rows(args.report), args.peak_gflops or peak_gflops(args.peak_repeats), cores,
+                                by_unit=args.by == "unit")))
         return
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not command:
@@ -168,7 +196,7 @@ def main(args):
         except FileNotFoundError:
             raise models.UserError(f"{command[0]}: no such command")
         wall = time.time() - t0
-        print("\n".join(report(read_rows(out), peak, cores, wall)))
+        print("\n".join(report(read_rows(out), peak, cores, wall, args.by == "unit")))
     if code:
         sys.exit(code)  # the command's own failure, after its table
 

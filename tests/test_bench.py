@@ -142,13 +142,20 @@ def test_bad_variant_is_one_line_error(tmp_path):
     assert "--variants channels-last+warp-speed" in proc.stderr and "cudnn-benchmark" in proc.stderr
 
 
-CHILD = """
+GRANDCHILD = """
+import subprocess, sys, torch
+torch.nn.functional.conv2d(torch.ones(1, 3, 8, 8), torch.ones(4, 3, 3, 3))  # 2 * (3*3*3) * 4 * (6*6)
+if sys.argv[-1] == "deep":
+    subprocess.run([sys.executable, "-c", "import torch; torch.ones(4, 5) @ torch.ones(5, 6)"])
+"""
+CHILD = f"""
 import subprocess, sys, torch
 import torch.nn.functional as F
 torch.ones(64, 32) @ torch.ones(32, 16)                      # 2*64*32*16
 q = torch.ones(2, 3, 10, 4, requires_grad=True)              # (B, H, S, D): the CPU attention kernel
 F.scaled_dot_product_attention(q, q.detach(), q.detach()).sum().backward()
-subprocess.run([sys.executable, "-c", "import torch; torch.nn.functional.conv2d(torch.ones(1, 3, 8, 8), torch.ones(4, 3, 3, 3))"])
+for unit in ("flat", "deep"):
+    subprocess.run([sys.executable, "-c", {GRANDCHILD!r}, "--shared", unit])
 sys.exit(3)
 """
 
@@ -159,19 +166,27 @@ def test_flop_meter_counts_every_process_of_a_command(tmp_path):
                sys.executable, "-c", CHILD, check=False)
     assert proc.returncode == 3, proc.stderr  # the command's own exit code, after the table
     rows = sorted((json.loads(line) for line in out.read_text().splitlines()), key=lambda r: r["start"])
-    assert len(rows) == 2 and rows[1]["ppid"] == rows[0]["pid"]  # the child and the process it started
+    assert len(rows) == 4 and rows[1]["ppid"] == rows[2]["ppid"] == rows[0]["pid"]
+    assert rows[3]["ppid"] == rows[2]["pid"]  # the child, its two children, and the second one's child
     B, H, S, D = 2, 3, 10, 4
     # forward: q k^T and p v; backward (torch's formula, a flash kernel's): q k^T again, then dv, dp, dq, dk
     attention = 2 * (2 * B * H * S * S * D) + 5 * (2 * B * H * S * S * D)
+    conv = 2 * (3 * 3 * 3) * 4 * (6 * 6)
     assert rows[0]["by_op"]["mm"] == 2 * 64 * 32 * 16
     assert sum(v for k, v in rows[0]["by_op"].items() if "attention" in k) == attention
-    assert rows[1]["flops"] == 2 * (3 * 3 * 3) * 4 * (6 * 6)  # the grandchild's convolution
-    total = 2 * 64 * 32 * 16 + attention + 2 * 27 * 4 * 36
+    assert rows[1]["flops"] == rows[2]["flops"] == conv and rows[3]["flops"] == 2 * 4 * 5 * 6
+    total = 2 * 64 * 32 * 16 + attention + 2 * conv + 2 * 4 * 5 * 6
     assert sum(r["flops"] for r in rows) == total and all(r["cpu_s"] > 0 for r in rows)
-    assert "| all | 2 | - |" in proc.stdout and f"{total / 1e9 / 10 / 2:.0f} s" in proc.stdout
+    assert "| python -c | 4 |" in proc.stdout and "| all | 4 | - |" in proc.stdout
+    assert f"{total / 1e9 / 10 / 2:.0f} s" in proc.stdout
     again = run("benchmarks/flop_meter.py", "--report", out, "--peak-gflops", "10", "--cores", "2")
     assert [ln for ln in again.stdout.splitlines() if ln.startswith("|")] == \
         [ln for ln in proc.stdout.splitlines() if ln.startswith("|")]
+    units = run("benchmarks/flop_meter.py", "--report", out, "--peak-gflops", "10", "--by", "unit").stdout
+    table = {ln.split(" | ")[0][2:]: ln.split(" | ")[1:] for ln in units.splitlines() if ln.startswith("| ")}
+    assert table["python -c (the command)"][0] == "1" and table["python -c flat"][0] == "1"
+    assert table["python -c deep"][0] == "2"  # its child counted with it
+    assert set(table) == {"unit", "python -c (the command)", "python -c flat", "python -c deep", "all"}
 
 
 def test_flop_meter_bad_input_is_one_line_error(tmp_path):
