@@ -39,14 +39,11 @@ class UserError(Exception):
     """Bad input: printed as one line `error: ...` with exit code 2, never a traceback."""
 
 
-def cli(main, parser, steady=True):
-    """Parse arguments and run `main(args)` (with steady_heap's allocator unless not `steady`); a UserError, or an
-    OSError naming a file (unreadable, a folder, a full disk), becomes a one-line error and exit 2. Any other
-    exception is a bug: it keeps its traceback."""
+def cli(main, parser):
+    """Parse arguments and run `main(args)`; a UserError, or an OSError naming a file (unreadable, a folder,
+    a full disk), becomes a one-line error and exit 2. Any other exception is a bug: it keeps its traceback."""
     args = parser.parse_args()
     quiet_libraries()
-    if steady:
-        steady_heap()
     if run_main(main, args):
         sys.exit(2)
 
@@ -85,26 +82,6 @@ def quiet_libraries():
     diffusers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
-
-
-def steady_heap(keep_free=256 << 20):
-    """Keep freed memory in this process's heap. glibc's malloc gives blocks from 128 KiB up back to the system
-    when they are freed, and takes them again page by page (a page fault each) at the next allocation; PyTorch
-    allocates and frees CPU tensors at every op. On the toy, one batch of 16 sampled videos faulted 240,000-470,000
-    pages (benchmarks/RESULTS.md). Blocks under 32 MiB (glibc's most) now always come from the heap, and on a
-    machine without CUDA, where every tensor is a CPU one, all blocks do; up to `keep_free` bytes of free heap stay
-    with the process. What is computed is unchanged. Returns False where the C library has no mallopt (not glibc)."""
-    import ctypes
-
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except AttributeError:
-        return False
-    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_MMAP_MAX = -1, -3, -4  # glibc's malloc.h
-    done = mallopt(M_MMAP_THRESHOLD, 32 << 20) and mallopt(M_TRIM_THRESHOLD, keep_free)
-    if not torch.cuda.is_available():  # on a GPU machine the weights' host copies are mapped and given back
-        done = done and mallopt(M_MMAP_MAX, 0)
-    return bool(done)
 
 
 # ----------------------------------------------------------------------------- 2. files

@@ -4,7 +4,6 @@ import json
 import math
 import os
 import re
-import subprocess
 import sys
 
 import pytest
@@ -197,42 +196,3 @@ def test_flop_meter_bad_input_is_one_line_error(tmp_path):
     bad.write_text('{"argv": [], "wall_s": 1, "cpu_s": 1, "flops": 0, "by_op": {}}\nnot json\n')
     proc = run("benchmarks/flop_meter.py", "--report", bad, "--peak-gflops", "10", check=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and f"{bad}:2: not valid JSON" in proc.stderr
-
-
-HEAP_CHILD = """
-import ctypes, resource, sys, torch
-sys.path.insert(0, {root!r})
-import models
-if sys.argv[1] == "steady":
-    print(models.steady_heap())
-else:  # glibc's starting rule, held fixed: every block from 128 KiB up mapped, and unmapped when freed
-    print(bool(ctypes.CDLL(None).mallopt(-3, 128 << 10)))
-x, w = torch.ones(2048, 8, 64), torch.ones(256, 64)
-for _ in range(3):  # the first touches of the heap's pages, while it settles
-    torch.nn.functional.gelu(torch.nn.functional.linear(x, w))
-f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(20):  # two 16 MiB blocks a time, as in the toy UNet's feed-forward layers
-    torch.nn.functional.gelu(torch.nn.functional.linear(x, w))
-print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
-"""
-
-
-def test_steady_heap_stops_the_page_faults_of_freed_blocks():
-    faults = {}
-    for mode in ("mapped", "steady"):
-        proc = subprocess.run([sys.executable, "-c", HEAP_CHILD.format(root=ROOT), mode], capture_output=True,
-                              text=True, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-        applied, faults[mode] = proc.stdout.split()
-        assert applied == "True"  # glibc's mallopt took the settings
-    pages = 2 * (16 << 20) // 4096  # one round's two fresh blocks
-    assert int(faults["mapped"]) > 20 * pages  # mapped blocks fault every page again, every round
-    assert int(faults["steady"]) < pages  # the heap's blocks were faulted in before: now reused (at most one anew)
-
-
-def test_bench_heap_tiny_run_agrees_between_allocators():
-    proc = run("benchmarks/bench_heap.py", "--videos", "2", "--pairs", "1", "--calls", "2", "--repeats", "1")
-    rows = [ln.split(" | ") for ln in proc.stdout.splitlines() if ln.startswith("| sample") or ln.startswith("| train")]
-    assert [(r[0][2:], r[1]) for r in rows] == [("sample", "default"), ("sample", "steady"), ("train", "default"),
-                                                ("train", "steady")]
-    assert all(r[-1] == "yes |" for r in rows)  # the same latents and losses under both allocators
-    assert all(float(r[2]) > 0 for r in rows) and rows[0][4] == rows[2][4] == "1.00"
