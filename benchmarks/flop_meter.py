@@ -5,9 +5,9 @@ The command runs with a sitecustomize put first on its PYTHONPATH, so every Pyth
 each stage it launches, a study's units) counts the FLOPs of its PyTorch ops from start to exit, with a lean
 TorchDispatchMode over torch.utils.flop_counter's formulas (matmuls, convolutions and attention, forward and
 backward, plus the CPU attention kernels that torch's table lacks; elementwise ops count nothing, as in MFU),
-and appends one JSON line to --out when it exits. The command runs with OMP_NUM_THREADS=1 (unless set): a
-dispatch mode is per thread, so the videos that models.in_threads would put on worker threads are counted only
-when they stay on the main one.
+and appends one JSON line to --out when it exits (it takes the place of any other sitecustomize module). The
+command runs with OMP_NUM_THREADS=1 (unless set): a dispatch mode is per thread, so the videos that
+models.in_threads would put on worker threads are counted only when they stay on the main one.
 
 The peak is a float32 matmul on one thread (1024 x 1024, the median of --peak-repeats), measured before the
 command runs, or --peak-gflops. The report gives, per script (or per unit, --by unit): processes, wall and CPU
