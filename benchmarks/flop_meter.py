@@ -159,7 +159,8 @@ def report(rows, peak, cores, wall=None, by_unit=False):
     total, cpu = sum(r["flops"] for r in rows), sum(r["cpu_s"] for r in rows)
     eff = lambda flops, sec: f"{flops / sec / 1e9:.1f} ({100 * flops / sec / 1e9 / peak:.0f} %)" if sec else "-"
     lines = [f"Peak: {peak:.1f} GFLOP/s on one core (float32 matmul); bound on {cores} core(s).", "",
-             f"| {'unit' if by_unit else 'script'} | processes | wall s (sum) | CPU s | GFLOP | GFLOP per CPU s (of peak) |", "|---|---|---|---|---|---|"]
+             f"| {'unit' if by_unit else 'script'} | processes | wall s (sum) | CPU s | GFLOP | GFLOP per CPU s "
+             "(of peak) |", "|---|---|---|---|---|---|"]
     for name, s in sorted(by.items(), key=lambda kv: -kv[1]["flops"]):
         lines.append(f"| {name} | {s['n']} | {s['wall_s']:.0f} | {s['cpu_s']:.0f} | {s['flops'] / 1e9:,.0f} | "
                      f"{eff(s['flops'], s['cpu_s'])} |")

@@ -108,7 +108,8 @@ def test_variants_rows_and_profile(tmp_path, capsys):
         variant = rows[name]
         assert variant["options"] == options and variant["tflop"] == rows["ours"]["tflop"]
         assert variant["step1_loss"] == pytest.approx(math.log(2), abs=1e-3) and variant["speedup"] > 0
-    assert all(r["param_change"] > 0 for r in rows.values() if r["group"] == "train")  # AdamW moved the (master) weights in every row
+    # AdamW moved the (master) weights in every train row
+    assert all(r["param_change"] > 0 for r in rows.values() if r["group"] == "train")
     assert rows["ours + bf16-weights"]["precision"].startswith("bf16 weights") and rows["ours"]["precision"] == "fp32"
     for name in ("ours", "ours + channels-last", "ours (models.sample)"):
         prof = rows[name]["profile"]
