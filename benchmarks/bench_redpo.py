@@ -98,9 +98,9 @@ def get_parser():
                         f"{', '.join(models.SPEED_OPTIONS)}, and bf16-weights: the UNets natively in bf16, "
                         "float32 master weights in AdamW), e.g. bf16-weights+compile-blocks")
     p.add_argument("--profile", action="store_true",
-                   help="after timing each 'ours' train row (and our sampler), profile 2 more steps (1 video) and print "
-                        "where the time goes "
-                        "(kernel time by kind, the top kernels, and on CUDA the share of the step the GPU is busy)")
+                   help="after timing each 'ours' train row (and our sampler), profile 2 more steps (1 more video) "
+                        "and print where the time goes (kernel time by kind, the top kernels, and on CUDA the share "
+                        "of the step the GPU is busy)")
     return p
 
 
