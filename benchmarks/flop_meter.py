@@ -84,7 +84,7 @@ if torch is not None:
 
 def get_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default="", help="the processes' JSON lines (appended; default: a temporary file)")
+    p.add_argument("--out", default="", help="the processes' JSON lines, a new file (default: a temporary one)")
     p.add_argument("--report", default="", help="only print the table of an earlier run's --out file")
     p.add_argument("--peak-gflops", type=float, default=0.0,
                    help="one core's peak in GFLOP/s (0 = measure a float32 matmul on one thread)")
@@ -105,7 +105,7 @@ def peak_gflops(repeats, n=1024):
     a, b = torch.randn(n, n), torch.randn(n, n)
     times = []
     with models.intra_op_threads(1):
-        for i in range(3 + repeats):
+        for _ in range(3 + repeats):
             t = time.perf_counter()
             a @ b
             times.append(time.perf_counter() - t)
@@ -113,10 +113,9 @@ def peak_gflops(repeats, n=1024):
 
 
 def script_of(argv):
-    """A process's name in the table: its script's file name, or `python -c` / `python -m MODULE`."""
-    if not argv or argv[0] in ("", "-c"):
-        return "python -c"
-    return os.path.basename(argv[0]) if argv[0] != "-m" else f"-m {argv[1]}"
+    """A process's name in the table: its script's file name (a module's __main__.py for `python -m`), or
+    `python -c`."""
+    return os.path.basename(argv[0]) if argv and argv[0] not in ("", "-c") else "python -c"
 
 
 def read_rows(path):
@@ -181,6 +180,8 @@ def main(args):
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not command:
         raise models.UserError("no command to meter: give it after --, e.g. -- python online_loop.py")
+    if args.out and os.path.exists(args.out) and os.path.getsize(args.out):
+        raise models.UserError(f"{args.out}: exists, with another run's lines; give a new --out (or --report it)")
     peak = args.peak_gflops or peak_gflops(args.peak_repeats)
     with tempfile.TemporaryDirectory() as site:
         with open(os.path.join(site, "sitecustomize.py"), "w") as f:

@@ -197,3 +197,8 @@ def test_flop_meter_bad_input_is_one_line_error(tmp_path):
     bad.write_text('{"argv": [], "wall_s": 1, "cpu_s": 1, "flops": 0, "by_op": {}}\nnot json\n')
     proc = run("benchmarks/flop_meter.py", "--report", bad, "--peak-gflops", "10", check=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and f"{bad}:2: not valid JSON" in proc.stderr
+    before = bad.read_text()  # an earlier run's file is neither appended to nor overwritten
+    proc = run("benchmarks/flop_meter.py", "--peak-gflops", "10", "--out", bad, "--", sys.executable, "-c", "1",
+               check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and f"{bad}: exists" in proc.stderr
+    assert bad.read_text() == before
