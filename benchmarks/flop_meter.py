@@ -20,6 +20,7 @@ nothing else (elementwise ops, Python, I/O) took any time.
     python benchmarks/flop_meter.py --out runs/meter/study.jsonl -- python toy/study.py --seeds 0 --jobs 2
     python benchmarks/flop_meter.py --report runs/meter/study.jsonl --peak-gflops 92 --by unit
 
+Meant for CPU runs: the peak is a CPU core's (on CUDA the counts hold, the bound does not).
 The counting costs time per op (about 15 % on the toy's training, more where ops are small), so the wall and
 CPU seconds of a metered run are an upper bound; time the same command unmetered for the achieved speed.
 """
