@@ -777,12 +777,17 @@ def ddim_step(family, scheduler, x, eps, t, prev_t, eta=0.0, noise=None, x0_resc
     return x_prev
 
 
+def cpu_cores():
+    """The cores this process may use."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def cpu_workers():
     """Threads a CPU stage samples on: OMP_NUM_THREADS when set, else the cores this process may use."""
     n = os.environ.get("OMP_NUM_THREADS", "")
     if n.isdigit() and int(n) > 0:
         return int(n)
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return cpu_cores()
 
 
 @contextlib.contextmanager

@@ -173,7 +173,7 @@ def report(rows, peak, cores, wall=None, by_unit=False):
 
 
 def main(args):
-    cores = args.cores or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
+    cores = args.cores or models.cpu_cores()
     if args.report:
         print("\n".join(report(read_rows(args.report), args.peak_gflops or peak_gflops(args.peak_repeats), cores,
                                 by_unit=args.by == "unit")))
