@@ -275,6 +275,12 @@ def timed(fn, warmup, repeats, device):
     return times
 
 
+def matmul_tflops(n, dtype, device, warmup=2, repeats=5):
+    """A square n x n matmul's TFLOP/s on `device` (the median of `repeats` timed products)."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    return 2 * n ** 3 / float(np.median(timed(lambda: a @ a, warmup, repeats, device))) / 1e12
+
+
 @contextlib.contextmanager
 def fresh_memory(device, row):
     """CUDA: free what earlier rows left, reset the peak counter, file the row's peak GiB (CPU: not measured)."""
@@ -316,8 +322,7 @@ def header(args, device, head_dims):
             if os.path.exists("/proc/cpuinfo") else [platform.machine()]
         name = f"CPU {cpu[0]} ({os.cpu_count()} cores, torch threads {torch.get_num_threads()})"
     n, dtype = (8192, torch.bfloat16) if cuda else (1024, torch.float32)
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    matmul = 2 * n ** 3 / float(np.median(timed(lambda: a @ a, 2, 5, device))) / 1e12
+    matmul = matmul_tflops(n, dtype, device)
     return {"device": name, "torch": torch.__version__, "diffusers": diffusers.__version__,
             "sdpa": sdpa_kernel_name(head_dims, device), "matmul": f"{'bf16' if cuda else 'fp32'} {n}^2",
             "matmul_tflops": matmul,

@@ -99,18 +99,14 @@ def get_parser():
     return p
 
 
-def peak_gflops(repeats, n=1024):
-    """One thread's float32 matmul GFLOP/s (median of `repeats`, after 3 warm-up products)."""
+def peak_gflops(repeats):
+    """One thread's float32 1024 x 1024 matmul GFLOP/s (median of `repeats`, after 3 warm-up products)."""
     import torch
 
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    times = []
+    import bench_redpo  # beside this file
+
     with models.intra_op_threads(1):
-        for _ in range(3 + repeats):
-            t = time.perf_counter()
-            a @ b
-            times.append(time.perf_counter() - t)
-    return 2 * n ** 3 / sorted(times[3:])[repeats // 2] / 1e9
+        return bench_redpo.matmul_tflops(1024, torch.float32, "cpu", warmup=3, repeats=repeats) * 1e3
 
 
 def script_of(argv):
